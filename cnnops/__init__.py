@@ -1,0 +1,28 @@
+"""cnnops: hand-written CPU, CUDA and Triton kernels for convolutional networks and detectors."""
+
+import torch  # noqa: F401  (the extension links against torch; import it first)
+
+from cnnops import _ext
+
+_C = _ext.load()
+
+from cnnops import nn  # noqa: E402
+from cnnops.ops._backend import available_backends, use_backend  # noqa: E402
+from cnnops.ops.conv2d import conv2d  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def has_cuda_kernels() -> bool:
+    """Whether this build contains the CUDA C++ kernels (they need a GPU to run)."""
+    return _C.has_cuda_kernels()
+
+
+__all__ = [
+    "__version__",
+    "available_backends",
+    "conv2d",
+    "has_cuda_kernels",
+    "nn",
+    "use_backend",
+]

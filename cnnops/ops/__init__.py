@@ -1,0 +1,1 @@
+"""Public op functions; importing a module here registers its fake kernel and autograd formula."""

@@ -1,0 +1,207 @@
+"""cnnops.conv2d: the public function, its fake kernel and its autograd formula.
+
+The kernels are the C++ ops `cnnops::conv2d` and `cnnops::_conv2d_backward` (csrc/ops/), one
+implementation per backend. This module normalises the arguments the way
+torch.nn.functional.conv2d accepts them, checks them, picks the backend and the algorithm, and
+calls the op.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from cnnops.ops._backend import resolve_backend
+
+ALGOS = ("direct", "im2col", "implicit_gemm", "depthwise")
+
+# The algorithms each backend has kernels for.
+BACKEND_ALGOS = {"cpu": ("direct", "im2col"), "cuda": ("direct", "im2col")}
+
+
+def _pair(value, name):
+    if isinstance(value, bool):
+        raise TypeError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return tuple(value)
+    if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(value[0], int):
+        return (value[0], value[0])
+    raise TypeError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}")
+
+
+def conv2d_output_shape(input_shape, weight_shape, stride, padding, dilation, groups):
+    """Checks a conv2d problem's sizes and returns the output shape (N, C_out, P, Q).
+
+    The C++ kernels run the same checks (csrc/ops/conv2d.cpp: conv2d_shape); this copy lets the
+    public function and the fake kernel raise before any kernel is reached.
+    """
+    if len(input_shape) != 4:
+        raise ValueError(f"conv2d: input must be 4-D (N, C, H, W), got shape {tuple(input_shape)}")
+    if len(weight_shape) != 4:
+        raise ValueError(
+            "conv2d: weight must be 4-D (C_out, C_in/groups, kH, kW), got shape "
+            f"{tuple(weight_shape)}"
+        )
+    for name, pair, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if any(v < low for v in pair):
+            raise ValueError(f"conv2d: {name} must be >= {low}, got {tuple(pair)}")
+    if groups < 1:
+        raise ValueError(f"conv2d: groups must be >= 1, got {groups}")
+    n, c, h, w = input_shape
+    k, c_per_group, r, s = weight_shape
+    if c % groups:
+        raise ValueError(f"conv2d: groups ({groups}) must divide the input channels ({c})")
+    if k % groups:
+        raise ValueError(
+            f"conv2d: groups ({groups}) must divide the output channels (weight.size(0) = {k})"
+        )
+    if c_per_group * groups != c:
+        raise ValueError(
+            f"conv2d: weight.size(1) ({c_per_group}) times groups ({groups}) must equal the "
+            f"input channels ({c})"
+        )
+    if min(k, r, s) == 0:
+        raise ValueError(f"conv2d: weight must have no zero-sized dimension, got {tuple(weight_shape)}")
+    if min(c, h, w) == 0:
+        raise ValueError(
+            f"conv2d: input must have non-zero channels, height and width, got {tuple(input_shape)}"
+        )
+    eff_h = dilation[0] * (r - 1) + 1
+    eff_w = dilation[1] * (s - 1) + 1
+    if eff_h > h + 2 * padding[0] or eff_w > w + 2 * padding[1]:
+        raise ValueError(
+            f"conv2d: the dilated kernel ({eff_h} x {eff_w}) is larger than the padded input "
+            f"({h + 2 * padding[0]} x {w + 2 * padding[1]})"
+        )
+    p = (h + 2 * padding[0] - eff_h) // stride[0] + 1
+    q = (w + 2 * padding[1] - eff_w) // stride[1] + 1
+    return (n, k, p, q)
+
+
+def conv2d_memory_format(input):
+    """The output's memory format; the same rule as the C++ conv2d_memory_format."""
+    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _check_tensors(input, weight, bias):
+    for name, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"conv2d: {name} must be a Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"conv2d: bias must be a Tensor or None, got {type(bias).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"conv2d: input must be a floating-point tensor, got {input.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise TypeError(f"conv2d: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
+        if t.device != input.device:
+            raise ValueError(
+                f"conv2d: {name} is on {t.device} but input is on {input.device}; "
+                "they must be on the same device"
+            )
+
+
+def _same_padding(input, weight, stride, dilation):
+    """Padding for padding="same": symmetric where possible, extra on the bottom/right like torch."""
+    if stride != (1, 1):
+        raise ValueError(f"conv2d: padding='same' needs stride 1, got stride {stride}")
+    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    before = tuple(t // 2 for t in total)
+    extra = [t - 2 * b for t, b in zip(total, before)]
+    if any(extra):
+        # The op pads symmetrically; torch puts the odd pixel of 'same' padding at the end.
+        input = F.pad(input, [0, extra[1], 0, extra[0]])
+    return input, before
+
+
+def choose_algo(backend, input_shape, weight_shape, stride, dilation, groups):
+    """The algorithm algo="auto" runs."""
+    return "im2col"
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algo="auto",
+           backend=None):
+    """2-D convolution with the signature of torch.nn.functional.conv2d.
+
+    algo: "auto", "direct" or "im2col" ("implicit_gemm" and "depthwise" where a backend has them).
+    backend: None (see cnnops.use_backend), "cpu", "cuda" or "triton".
+    An explicit algo or backend that cannot serve the call raises.
+    """
+    _check_tensors(input, weight, bias)
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"conv2d: groups must be an int, got {groups!r}")
+    stride = _pair(stride, "stride")
+    dilation = _pair(dilation, "dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            if weight.dim() != 4:
+                raise ValueError(f"conv2d: weight must be 4-D, got shape {tuple(weight.shape)}")
+            input, padding = _same_padding(input, weight, stride, dilation)
+        else:
+            raise ValueError(f"conv2d: padding must be 'same', 'valid', an int or a pair, got {padding!r}")
+    else:
+        padding = _pair(padding, "padding")
+    conv2d_output_shape(input.shape, weight.shape, stride, padding, dilation, groups)
+
+    backend = resolve_backend("conv2d", input.device, backend)
+    if algo == "auto":
+        algo = choose_algo(backend, input.shape, weight.shape, stride, dilation, groups)
+    elif algo not in ALGOS:
+        raise ValueError(f"conv2d: unknown algo {algo!r}; expected 'auto' or one of {ALGOS}")
+    if algo not in BACKEND_ALGOS[backend]:
+        raise ValueError(
+            f"conv2d: algo {algo!r} is not available on the {backend} backend "
+            f"(it has: {', '.join(BACKEND_ALGOS[backend])})"
+        )
+    return torch.ops.cnnops.conv2d(input, weight, bias, stride, padding, dilation, groups, algo)
+
+
+@torch.library.register_fake("cnnops::conv2d")
+def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups, algo):
+    shape = conv2d_output_shape(input.shape, weight.shape, stride, padding, dilation, groups)
+    return input.new_empty(shape).contiguous(memory_format=conv2d_memory_format(input))
+
+
+@torch.library.register_fake("cnnops::_conv2d_backward")
+def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation, groups, algo,
+                          output_mask):
+    grad_input = (
+        torch.empty_like(input, memory_format=conv2d_memory_format(input))
+        if output_mask[0]
+        else input.new_empty(0)
+    )
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else input.new_empty(0)
+    grad_bias = weight.new_empty(weight.shape[0]) if output_mask[2] else input.new_empty(0)
+    return grad_input, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups, algo = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.conv_args = (stride, padding, dilation, groups, algo)
+    ctx.has_bias = bias is not None
+
+
+def _conv2d_backward(ctx, grad_output):
+    input, weight = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    grad_input, grad_weight, grad_bias = torch.ops.cnnops._conv2d_backward(
+        grad_output, input, weight, *ctx.conv_args, mask
+    )
+    return (
+        grad_input if mask[0] else None,
+        grad_weight if mask[1] else None,
+        grad_bias if mask[2] else None,
+        None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd("cnnops::conv2d", _conv2d_backward, setup_context=_setup_context)

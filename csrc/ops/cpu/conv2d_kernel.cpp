@@ -1,0 +1,671 @@
+// conv2d on the CPU: the `direct` and `im2col` algorithms, forward and backward, float32/64.
+//
+// im2col works in both memory formats natively. The GEMM is handed to at::mm (MKL/oneDNN);
+// the column matrix is built here. The output rows are split into *row bands*: within a band the
+// same contiguous range of kernel rows [r_lo, r_hi) reads inside the input, and only those taps
+// are put in the column matrix. With large dilation and padding (DeepLab's ASPP at dilation 36)
+// most taps of the border rows read padding, and skipping them removes up to a third of the FLOPs.
+// Bands are also capped in size so the column buffer stays bounded.
+//
+// direct is the plain algorithm: no column buffer, one output plane per task, inner loops over
+// contiguous output columns with the valid range precomputed (no bounds checks inside). It works
+// in NCHW; channels_last inputs are converted on entry and the result converted back.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <utility>
+#include <vector>
+
+#include "ops/conv2d.h"
+
+namespace cnnops {
+namespace {
+
+constexpr int64_t kColumnBufferBytes = int64_t{32} << 20;
+
+// ---------------------------------------------------------------------------------------------
+// Row bands
+
+struct RowBand {
+  int64_t p0, p1;      // output rows [p0, p1)
+  int64_t r_lo, r_hi;  // kernel rows that read inside the input for every row of the band
+};
+
+// Splits the output rows into bands of uniform valid kernel rows, merges neighbours where that
+// wastes little work (merging is always correct: taps outside the input are written as zeros),
+// then caps each band at `max_rows` rows.
+std::vector<RowBand> plan_row_bands(const Conv2dShape& s, int64_t max_rows) {
+  std::vector<int64_t> cuts = {0, s.P};
+  for (int64_t r = 0; r < s.R; ++r) {
+    const int64_t lo = conv_first_valid_output(r, s.stride_h, s.pad_h, s.dilation_h);
+    const int64_t hi = conv_last_valid_output(r, s.H, s.P, s.stride_h, s.pad_h, s.dilation_h);
+    if (lo < hi) {
+      cuts.push_back(std::min(lo, s.P));
+      cuts.push_back(std::max<int64_t>(hi, 0));
+    }
+  }
+  std::sort(cuts.begin(), cuts.end());
+  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+
+  std::vector<RowBand> segments;
+  for (size_t i = 0; i + 1 < cuts.size(); ++i) {
+    const int64_t p0 = cuts[i], p1 = cuts[i + 1];
+    int64_t r_lo = s.R, r_hi = 0;
+    for (int64_t r = 0; r < s.R; ++r) {
+      const int64_t lo = conv_first_valid_output(r, s.stride_h, s.pad_h, s.dilation_h);
+      const int64_t hi = conv_last_valid_output(r, s.H, s.P, s.stride_h, s.pad_h, s.dilation_h);
+      if (lo <= p0 && p0 < hi) {  // uniform over the segment, so its first row decides
+        r_lo = std::min(r_lo, r);
+        r_hi = std::max(r_hi, r + 1);
+      }
+    }
+    if (r_lo >= r_hi) r_lo = r_hi = 0;  // every tap reads padding: the band is bias only
+    segments.push_back({p0, p1, r_lo, r_hi});
+  }
+
+  std::vector<RowBand> merged;
+  for (const RowBand& seg : segments) {
+    if (!merged.empty()) {
+      RowBand& last = merged.back();
+      // Union of the two tap ranges; an empty range (a bias-only band) adds nothing to it.
+      int64_t lo = std::min(last.r_lo, seg.r_lo), hi = std::max(last.r_hi, seg.r_hi);
+      if (last.r_lo == last.r_hi) lo = seg.r_lo, hi = seg.r_hi;
+      if (seg.r_lo == seg.r_hi) lo = last.r_lo, hi = last.r_hi;
+      const int64_t apart = (last.p1 - last.p0) * (last.r_hi - last.r_lo) +
+                            (seg.p1 - seg.p0) * (seg.r_hi - seg.r_lo);
+      const int64_t together = (seg.p1 - last.p0) * (hi - lo);
+      if (8 * (together - apart) <= together) {  // at most 1/8 of the merged work is wasted
+        last = {last.p0, seg.p1, lo, hi};
+        continue;
+      }
+    }
+    merged.push_back(seg);
+  }
+
+  std::vector<RowBand> bands;
+  for (const RowBand& b : merged) {
+    for (int64_t p = b.p0; p < b.p1; p += max_rows) {
+      bands.push_back({p, std::min(p + max_rows, b.p1), b.r_lo, b.r_hi});
+    }
+  }
+  return bands;
+}
+
+// Weight packed for the kernel rows [r_lo, r_hi), per group: NCHW as (c, r, s), NHWC as (r, s, c).
+at::Tensor pack_weight(const at::Tensor& weight, const Conv2dShape& s, int64_t r_lo, int64_t r_hi,
+                       bool channels_last) {
+  at::Tensor w = weight.slice(2, r_lo, r_hi);
+  if (channels_last) w = w.permute({0, 2, 3, 1});
+  return w.contiguous().view({s.groups, s.outputs_per_group(), -1});
+}
+
+// Adds a packed weight gradient back into the (K, C/groups, R, S) gradient.
+void unpack_weight_grad(const at::Tensor& packed, at::Tensor& grad_weight, const Conv2dShape& s,
+                        int64_t r_lo, int64_t r_hi, bool channels_last) {
+  const int64_t nr = r_hi - r_lo, cg = s.channels_per_group();
+  at::Tensor target = grad_weight.slice(2, r_lo, r_hi);
+  if (channels_last) {
+    target.add_(packed.view({s.K, nr, s.S, cg}).permute({0, 3, 1, 2}));
+  } else {
+    target.add_(packed.view({s.K, cg, nr, s.S}));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// im2col / col2im, NCHW: column matrix (C * nr * S) x (band rows * Q) for one sample.
+
+template <typename T>
+void im2col_nchw(const T* in, T* col, const Conv2dShape& s, const RowBand& b) {
+  const int64_t nr = b.r_hi - b.r_lo, rows = s.C * nr * s.S, width = (b.p1 - b.p0) * s.Q;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t c = row / (nr * s.S), r = b.r_lo + (row / s.S) % nr, tap_s = row % s.S;
+      // Output columns [q_lo, q_hi) read inside the input; the rest are padding.
+      const int64_t q_lo =
+          std::min(conv_first_valid_output(tap_s, s.stride_w, s.pad_w, s.dilation_w), s.Q);
+      const int64_t q_hi =
+          std::max(q_lo, conv_last_valid_output(tap_s, s.W, s.Q, s.stride_w, s.pad_w, s.dilation_w));
+      const int64_t w0 = conv_input_coord(0, tap_s, s.stride_w, s.pad_w, s.dilation_w);
+      T* dst = col + row * width;
+      for (int64_t p = b.p0; p < b.p1; ++p, dst += s.Q) {
+        const int64_t h = conv_input_coord(p, r, s.stride_h, s.pad_h, s.dilation_h);
+        if (h < 0 || h >= s.H) {
+          std::fill(dst, dst + s.Q, T(0));
+          continue;
+        }
+        const T* src = in + (c * s.H + h) * s.W + w0;
+        std::fill(dst, dst + q_lo, T(0));
+        if (s.stride_w == 1) {
+          std::memcpy(dst + q_lo, src + q_lo, (q_hi - q_lo) * sizeof(T));
+        } else {
+          for (int64_t q = q_lo; q < q_hi; ++q) dst[q] = src[q * s.stride_w];
+        }
+        std::fill(dst + q_hi, dst + s.Q, T(0));
+      }
+    }
+  });
+}
+
+// Adds the column matrix back into one sample's grad input. Tasks own whole channels, so no two
+// threads write the same element.
+template <typename T>
+void col2im_nchw(const T* col, T* grad_in, const Conv2dShape& s, const RowBand& b) {
+  const int64_t nr = b.r_hi - b.r_lo, width = (b.p1 - b.p0) * s.Q;
+  at::parallel_for(0, s.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t r = b.r_lo; r < b.r_hi; ++r) {
+        for (int64_t tap_s = 0; tap_s < s.S; ++tap_s) {
+          const int64_t row = (c * nr + (r - b.r_lo)) * s.S + tap_s;
+          const int64_t q_lo = conv_first_valid_output(tap_s, s.stride_w, s.pad_w, s.dilation_w);
+          const int64_t q_hi =
+              conv_last_valid_output(tap_s, s.W, s.Q, s.stride_w, s.pad_w, s.dilation_w);
+          const int64_t w0 = conv_input_coord(0, tap_s, s.stride_w, s.pad_w, s.dilation_w);
+          const T* src = col + row * width;
+          for (int64_t p = b.p0; p < b.p1; ++p, src += s.Q) {
+            const int64_t h = conv_input_coord(p, r, s.stride_h, s.pad_h, s.dilation_h);
+            if (h < 0 || h >= s.H) continue;
+            T* dst = grad_in + (c * s.H + h) * s.W + w0;
+            for (int64_t q = q_lo; q < q_hi; ++q) dst[q * s.stride_w] += src[q];
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// im2col / col2im, NHWC: column matrix (pixels) x (groups * nr * S * C/groups), one row per output
+// pixel of the tile, which covers samples [n0, n1) and the output rows of band b.
+
+template <typename T>
+void im2col_nhwc(const T* in, T* col, const Conv2dShape& s, const RowBand& b, int64_t n0,
+                 int64_t n1) {
+  const int64_t nr = b.r_hi - b.r_lo, cg = s.channels_per_group();
+  const int64_t band_pixels = (b.p1 - b.p0) * s.Q, row_len = s.groups * nr * s.S * cg;
+  at::parallel_for(0, (n1 - n0) * band_pixels, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t n = n0 + m / band_pixels, p = b.p0 + (m % band_pixels) / s.Q, q = m % s.Q;
+      T* dst = col + m * row_len;
+      for (int64_t r = b.r_lo; r < b.r_hi; ++r) {
+        const int64_t h = conv_input_coord(p, r, s.stride_h, s.pad_h, s.dilation_h);
+        for (int64_t tap_s = 0; tap_s < s.S; ++tap_s) {
+          const int64_t w = conv_input_coord(q, tap_s, s.stride_w, s.pad_w, s.dilation_w);
+          const bool inside = h >= 0 && h < s.H && w >= 0 && w < s.W;
+          const T* src = in + ((n * s.H + h) * s.W + w) * s.C;
+          const int64_t offset = ((r - b.r_lo) * s.S + tap_s) * cg;
+          for (int64_t g = 0; g < s.groups; ++g) {
+            T* d = dst + g * nr * s.S * cg + offset;
+            if (inside) {
+              std::memcpy(d, src + g * cg, cg * sizeof(T));
+            } else {
+              std::fill(d, d + cg, T(0));
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Gathers the column entries that read each input pixel. Tasks own input rows (n, h), so no two
+// threads write the same element.
+template <typename T>
+void col2im_nhwc(const T* col, T* grad_in, const Conv2dShape& s, const RowBand& b, int64_t n0,
+                 int64_t n1) {
+  const int64_t nr = b.r_hi - b.r_lo, cg = s.channels_per_group();
+  const int64_t band_pixels = (b.p1 - b.p0) * s.Q, row_len = s.groups * nr * s.S * cg;
+  at::parallel_for(0, (n1 - n0) * s.H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = n0 + task / s.H, h = task % s.H;
+      for (int64_t r = b.r_lo; r < b.r_hi; ++r) {
+        const int64_t p = conv_output_coord_for_input(h, r, s.stride_h, s.pad_h, s.dilation_h, s.P);
+        if (p < b.p0 || p >= b.p1) continue;
+        for (int64_t w = 0; w < s.W; ++w) {
+          T* dst = grad_in + ((n * s.H + h) * s.W + w) * s.C;
+          for (int64_t tap_s = 0; tap_s < s.S; ++tap_s) {
+            const int64_t q =
+                conv_output_coord_for_input(w, tap_s, s.stride_w, s.pad_w, s.dilation_w, s.Q);
+            if (q < 0) continue;
+            const int64_t m = (n - n0) * band_pixels + (p - b.p0) * s.Q + q;
+            const T* src = col + m * row_len + ((r - b.r_lo) * s.S + tap_s) * cg;
+            for (int64_t g = 0; g < s.groups; ++g) {
+              const T* sg = src + g * nr * s.S * cg;
+              T* dg = dst + g * cg;
+              for (int64_t c = 0; c < cg; ++c) dg[c] += sg[c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// im2col driver. One "tile" = samples [n0, n1) x one row band. NCHW tiles hold one sample (a
+// sample's output is its own K x PQ matrix); NHWC tiles hold several when the band spans all
+// rows, since then their output rows are contiguous in the (N*P*Q) x K output matrix.
+
+struct Tile {
+  int64_t n0, n1;
+  RowBand band;
+};
+
+std::vector<Tile> plan_tiles(const Conv2dShape& s, bool channels_last, int64_t element_size) {
+  // Column-buffer bytes per output row of one sample, for the widest band (all kernel rows).
+  const int64_t row_bytes = std::max<int64_t>(1, s.C * s.R * s.S * s.Q * element_size);
+  const int64_t max_rows = std::max<int64_t>(1, kColumnBufferBytes / row_bytes);
+  std::vector<RowBand> bands = plan_row_bands(s, max_rows);
+  std::vector<Tile> tiles;
+  if (channels_last && bands.size() == 1 && bands[0].p0 == 0 && bands[0].p1 == s.P) {
+    const int64_t per_tile = std::max<int64_t>(1, max_rows / std::max<int64_t>(1, s.P));
+    for (int64_t n = 0; n < s.N; n += per_tile) tiles.push_back({n, std::min(s.N, n + per_tile), bands[0]});
+    return tiles;
+  }
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (const RowBand& b : bands) tiles.push_back({n, n + 1, b});
+  }
+  return tiles;
+}
+
+// A 1x1, stride-1, unpadded convolution reads the input itself as its column matrix.
+bool is_pointwise(const Conv2dShape& s) {
+  return s.R == 1 && s.S == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 &&
+         s.pad_w == 0;
+}
+
+// An NHWC-contiguous tensor as the (pixels x channels) matrix it is in memory. view(), not
+// reshape(): the result is written through, so a silent copy would lose the writes.
+at::Tensor pixel_matrix(const at::Tensor& t, const Conv2dShape& s) {
+  return t.permute({0, 2, 3, 1}).view({-1, t.size(1)});
+}
+
+// The column matrix of one tile, built in `buffer` unless the input can serve as it is.
+template <typename T>
+at::Tensor columns_for_tile(const at::Tensor& input, at::Tensor& buffer, const Conv2dShape& s,
+                            const Tile& t, bool channels_last) {
+  const int64_t nr = t.band.r_hi - t.band.r_lo;
+  if (channels_last) {
+    const int64_t rows = (t.n1 - t.n0) * (t.band.p1 - t.band.p0) * s.Q;
+    if (is_pointwise(s)) return pixel_matrix(input, s).narrow(0, (t.n0 * s.P + t.band.p0) * s.Q, rows);
+    at::Tensor col = buffer.narrow(0, 0, rows * s.C * nr * s.S).view({rows, s.C * nr * s.S});
+    im2col_nhwc(input.const_data_ptr<T>(), col.data_ptr<T>(), s, t.band, t.n0, t.n1);
+    return col;
+  }
+  const int64_t width = (t.band.p1 - t.band.p0) * s.Q;
+  if (is_pointwise(s)) return input[t.n0].view({s.C, s.H * s.W}).narrow(1, t.band.p0 * s.Q, width);
+  at::Tensor col = buffer.narrow(0, 0, s.C * nr * s.S * width).view({s.C * nr * s.S, width});
+  im2col_nchw(input[t.n0].const_data_ptr<T>(), col.data_ptr<T>(), s, t.band);
+  return col;
+}
+
+// The (group g) block of the tile's output, as a matrix: NCHW K_g x pixels, NHWC pixels x K_g.
+at::Tensor output_block(const at::Tensor& out, const Conv2dShape& s, const Tile& t, int64_t g,
+                        bool channels_last) {
+  const int64_t kg = s.outputs_per_group();
+  if (channels_last) {
+    const int64_t first = (t.n0 * s.P + t.band.p0) * s.Q;
+    const int64_t rows = (t.n1 - t.n0) * (t.band.p1 - t.band.p0) * s.Q;
+    return pixel_matrix(out, s).narrow(0, first, rows).narrow(1, g * kg, kg);
+  }
+  return out[t.n0].view({s.K, s.P * s.Q}).narrow(0, g * kg, kg).narrow(
+      1, t.band.p0 * s.Q, (t.band.p1 - t.band.p0) * s.Q);
+}
+
+at::Tensor column_block(const at::Tensor& col, const Conv2dShape& s, int64_t g, bool channels_last) {
+  return channels_last ? col.narrow(1, g * col.size(1) / s.groups, col.size(1) / s.groups)
+                       : col.narrow(0, g * col.size(0) / s.groups, col.size(0) / s.groups);
+}
+
+at::Tensor column_buffer(const at::Tensor& input, const Conv2dShape& s, const std::vector<Tile>& tiles) {
+  int64_t most = 0;
+  for (const Tile& t : tiles) {
+    most = std::max(most, (t.n1 - t.n0) * (t.band.p1 - t.band.p0) * s.Q * s.C *
+                              (t.band.r_hi - t.band.r_lo) * s.S);
+  }
+  return at::empty({is_pointwise(s) ? 0 : most}, input.options());
+}
+
+// Caches the packed weight for each kernel-row range the bands use (usually one, at most a few).
+class PackedWeights {
+ public:
+  PackedWeights(const at::Tensor& weight, const Conv2dShape& s, bool channels_last)
+      : weight_(weight), s_(s), channels_last_(channels_last) {}
+  const at::Tensor& get(const RowBand& b) {
+    auto key = std::make_pair(b.r_lo, b.r_hi);
+    auto it = packed_.find(key);
+    if (it == packed_.end()) {
+      it = packed_.emplace(key, pack_weight(weight_, s_, b.r_lo, b.r_hi, channels_last_)).first;
+    }
+    return it->second;
+  }
+
+ private:
+  at::Tensor weight_;
+  Conv2dShape s_;
+  bool channels_last_;
+  std::map<std::pair<int64_t, int64_t>, at::Tensor> packed_;
+};
+
+void fill_bias(at::Tensor& out, const std::optional<at::Tensor>& bias) {
+  if (bias.has_value() && bias->defined()) {
+    out.copy_(bias->view({1, -1, 1, 1}).expand_as(out));
+  } else {
+    out.zero_();
+  }
+}
+
+template <typename T>
+void conv2d_im2col_forward(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out,
+                           const Conv2dShape& s, bool channels_last) {
+  const std::vector<Tile> tiles = plan_tiles(s, channels_last, sizeof(T));
+  at::Tensor buffer = column_buffer(input, s, tiles);
+  PackedWeights packed(weight, s, channels_last);
+  for (const Tile& t : tiles) {
+    if (t.band.r_lo == t.band.r_hi) continue;  // all padding: the output is the bias
+    at::Tensor col = columns_for_tile<T>(input, buffer, s, t, channels_last);
+    const at::Tensor& w = packed.get(t.band);
+    for (int64_t g = 0; g < s.groups; ++g) {
+      at::Tensor dst = output_block(out, s, t, g, channels_last);
+      at::Tensor cols = column_block(col, s, g, channels_last);
+      if (channels_last) {
+        dst.addmm_(cols, w[g].t());
+      } else {
+        dst.addmm_(w[g], cols);
+      }
+    }
+  }
+}
+
+template <typename T>
+void conv2d_im2col_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                            const at::Tensor& weight, at::Tensor& grad_in, at::Tensor& grad_w,
+                            const Conv2dShape& s, bool channels_last) {
+  const std::vector<Tile> tiles = plan_tiles(s, channels_last, sizeof(T));
+  at::Tensor buffer = column_buffer(input, s, tiles);
+  PackedWeights packed(weight, s, channels_last);
+  std::map<std::pair<int64_t, int64_t>, at::Tensor> packed_grads;
+  for (const Tile& t : tiles) {
+    if (t.band.r_lo == t.band.r_hi) continue;
+    const int64_t nr = t.band.r_hi - t.band.r_lo;
+    if (grad_w.defined()) {
+      auto key = std::make_pair(t.band.r_lo, t.band.r_hi);
+      auto it = packed_grads.find(key);
+      if (it == packed_grads.end()) {
+        it = packed_grads.emplace(key, at::zeros({s.groups, s.outputs_per_group(), s.channels_per_group() * nr * s.S}, input.options())).first;
+      }
+      at::Tensor col = columns_for_tile<T>(input, buffer, s, t, channels_last);
+      for (int64_t g = 0; g < s.groups; ++g) {
+        at::Tensor go = output_block(grad_out, s, t, g, channels_last);
+        at::Tensor cols = column_block(col, s, g, channels_last);
+        at::Tensor dw = it->second[g];
+        if (channels_last) {
+          dw.addmm_(go.t(), cols);
+        } else {
+          dw.addmm_(go, cols.t());
+        }
+      }
+    }
+    if (grad_in.defined()) {
+      const at::Tensor& w = packed.get(t.band);
+      const int64_t pixels = (t.n1 - t.n0) * (t.band.p1 - t.band.p0) * s.Q;
+      const int64_t col_len = s.C * nr * s.S;
+      at::Tensor col;
+      if (is_pointwise(s)) {
+        // The column matrix *is* the grad input: write the GEMM straight into it.
+        col = channels_last ? pixel_matrix(grad_in, s).narrow(0, (t.n0 * s.P + t.band.p0) * s.Q, pixels)
+                            : grad_in[t.n0].view({s.C, s.H * s.W}).narrow(1, t.band.p0 * s.Q, pixels);
+      } else if (channels_last) {
+        col = buffer.narrow(0, 0, pixels * col_len).view({pixels, col_len});
+      } else {
+        col = buffer.narrow(0, 0, pixels * col_len).view({col_len, pixels});
+      }
+      for (int64_t g = 0; g < s.groups; ++g) {
+        at::Tensor go = output_block(grad_out, s, t, g, channels_last);
+        at::Tensor cols = column_block(col, s, g, channels_last);
+        if (channels_last) {
+          at::mm_out(cols, go, w[g]);
+        } else {
+          at::mm_out(cols, w[g].t(), go);
+        }
+      }
+      if (!is_pointwise(s)) {
+        if (channels_last) {
+          col2im_nhwc(col.const_data_ptr<T>(), grad_in.data_ptr<T>(), s, t.band, t.n0, t.n1);
+        } else {
+          col2im_nchw(col.const_data_ptr<T>(), grad_in[t.n0].data_ptr<T>(), s, t.band);
+        }
+      }
+    }
+  }
+  for (const auto& [key, dw] : packed_grads) {
+    unpack_weight_grad(dw.view({s.K, -1}), grad_w, s, key.first, key.second, channels_last);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// direct, NCHW.
+
+// Output plane (n, k) accumulates, for every input channel and tap, a shifted and scaled input
+// plane. The valid output range of each tap is computed once, so the inner loop is a
+// bounds-check-free axpy over contiguous output columns (a vector loop when stride_w == 1).
+template <typename T>
+void conv2d_direct_forward(const T* in, const T* w, T* out, const Conv2dShape& s) {
+  const int64_t cg = s.channels_per_group(), kg = s.outputs_per_group();
+  at::parallel_for(0, s.N * s.K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / s.K, k = task % s.K, g = k / kg;
+      T* o = out + task * s.P * s.Q;
+      for (int64_t c = 0; c < cg; ++c) {
+        const T* plane = in + (n * s.C + g * cg + c) * s.H * s.W;
+        for (int64_t r = 0; r < s.R; ++r) {
+          const int64_t p_lo = conv_first_valid_output(r, s.stride_h, s.pad_h, s.dilation_h);
+          const int64_t p_hi = conv_last_valid_output(r, s.H, s.P, s.stride_h, s.pad_h, s.dilation_h);
+          for (int64_t tap_s = 0; tap_s < s.S; ++tap_s) {
+            const T wv = w[((k * cg + c) * s.R + r) * s.S + tap_s];
+            const int64_t q_lo = conv_first_valid_output(tap_s, s.stride_w, s.pad_w, s.dilation_w);
+            const int64_t q_hi = conv_last_valid_output(tap_s, s.W, s.Q, s.stride_w, s.pad_w, s.dilation_w);
+            const int64_t w0 = conv_input_coord(0, tap_s, s.stride_w, s.pad_w, s.dilation_w);
+            for (int64_t p = p_lo; p < p_hi; ++p) {
+              const T* src = plane + conv_input_coord(p, r, s.stride_h, s.pad_h, s.dilation_h) * s.W + w0;
+              T* dst = o + p * s.Q;
+              if (s.stride_w == 1) {
+                for (int64_t q = q_lo; q < q_hi; ++q) dst[q] += wv * src[q];
+              } else {
+                for (int64_t q = q_lo; q < q_hi; ++q) dst[q] += wv * src[q * s.stride_w];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Grad input plane (n, c) receives every output plane of its group, scattered back through each
+// tap: the mirror of the forward loop, race-free because a task owns its plane.
+template <typename T>
+void conv2d_direct_grad_input(const T* go, const T* w, T* gi, const Conv2dShape& s) {
+  const int64_t cg = s.channels_per_group(), kg = s.outputs_per_group();
+  at::parallel_for(0, s.N * s.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / s.C, ci = task % s.C, g = ci / cg, c = ci % cg;
+      T* plane = gi + task * s.H * s.W;
+      for (int64_t k = g * kg; k < (g + 1) * kg; ++k) {
+        const T* o = go + (n * s.K + k) * s.P * s.Q;
+        for (int64_t r = 0; r < s.R; ++r) {
+          const int64_t p_lo = conv_first_valid_output(r, s.stride_h, s.pad_h, s.dilation_h);
+          const int64_t p_hi = conv_last_valid_output(r, s.H, s.P, s.stride_h, s.pad_h, s.dilation_h);
+          for (int64_t tap_s = 0; tap_s < s.S; ++tap_s) {
+            const T wv = w[((k * cg + c) * s.R + r) * s.S + tap_s];
+            const int64_t q_lo = conv_first_valid_output(tap_s, s.stride_w, s.pad_w, s.dilation_w);
+            const int64_t q_hi = conv_last_valid_output(tap_s, s.W, s.Q, s.stride_w, s.pad_w, s.dilation_w);
+            const int64_t w0 = conv_input_coord(0, tap_s, s.stride_w, s.pad_w, s.dilation_w);
+            for (int64_t p = p_lo; p < p_hi; ++p) {
+              T* dst = plane + conv_input_coord(p, r, s.stride_h, s.pad_h, s.dilation_h) * s.W + w0;
+              const T* src = o + p * s.Q;
+              if (s.stride_w == 1) {
+                for (int64_t q = q_lo; q < q_hi; ++q) dst[q] += wv * src[q];
+              } else {
+                for (int64_t q = q_lo; q < q_hi; ++q) dst[q * s.stride_w] += wv * src[q];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Each task owns one (k, c) filter and reduces its R x S taps over the batch and the output.
+template <typename T>
+void conv2d_direct_grad_weight(const T* go, const T* in, T* gw, const Conv2dShape& s) {
+  const int64_t cg = s.channels_per_group(), kg = s.outputs_per_group();
+  at::parallel_for(0, s.K * cg, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t k = task / cg, c = task % cg, g = k / kg;
+      for (int64_t r = 0; r < s.R; ++r) {
+        const int64_t p_lo = conv_first_valid_output(r, s.stride_h, s.pad_h, s.dilation_h);
+        const int64_t p_hi = conv_last_valid_output(r, s.H, s.P, s.stride_h, s.pad_h, s.dilation_h);
+        for (int64_t tap_s = 0; tap_s < s.S; ++tap_s) {
+          const int64_t q_lo = conv_first_valid_output(tap_s, s.stride_w, s.pad_w, s.dilation_w);
+          const int64_t q_hi = conv_last_valid_output(tap_s, s.W, s.Q, s.stride_w, s.pad_w, s.dilation_w);
+          const int64_t w0 = conv_input_coord(0, tap_s, s.stride_w, s.pad_w, s.dilation_w);
+          T acc = 0;
+          for (int64_t n = 0; n < s.N; ++n) {
+            const T* plane = in + (n * s.C + g * cg + c) * s.H * s.W;
+            const T* o = go + (n * s.K + k) * s.P * s.Q;
+            for (int64_t p = p_lo; p < p_hi; ++p) {
+              const T* src = plane + conv_input_coord(p, r, s.stride_h, s.pad_h, s.dilation_h) * s.W + w0;
+              const T* og = o + p * s.Q;
+              for (int64_t q = q_lo; q < q_hi; ++q) acc += og[q] * src[q * s.stride_w];
+            }
+          }
+          gw[(task * s.R + r) * s.S + tap_s] = acc;
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+void conv2d_grad_bias(const at::Tensor& grad_out, at::Tensor& grad_bias, const Conv2dShape& s,
+                      bool channels_last) {
+  const T* go = grad_out.const_data_ptr<T>();
+  T* gb = grad_bias.data_ptr<T>();
+  const int64_t pixels = s.P * s.Q;
+  at::parallel_for(0, s.K, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      T acc = 0;
+      for (int64_t n = 0; n < s.N; ++n) {
+        if (channels_last) {
+          const T* o = go + n * pixels * s.K + k;
+          for (int64_t i = 0; i < pixels; ++i) acc += o[i * s.K];
+        } else {
+          const T* o = go + (n * s.K + k) * pixels;
+          for (int64_t i = 0; i < pixels; ++i) acc += o[i];
+        }
+      }
+      gb[k] = acc;
+    }
+  });
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "conv2d (cpu backend): ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "conv2d (cpu backend): ", name, " must be float32 or float64, got ", t.scalar_type());
+}
+
+at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                      c10::string_view algo) {
+  check_cpu(input, "input");
+  check_cpu(weight, "weight");
+  const Conv2dShape s = conv2d_shape(input, weight, stride, padding, dilation, groups);
+  check_conv2d_bias(bias, input, s);
+  check_conv2d_algo(algo, {"direct", "im2col"}, "cpu");
+  const at::MemoryFormat fmt = conv2d_memory_format(input);
+  at::Tensor out = at::empty({s.N, s.K, s.P, s.Q}, input.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  fill_bias(out, bias);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_cpu", [&] {
+    if (algo == "im2col") {
+      const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+      conv2d_im2col_forward<scalar_t>(input.contiguous(fmt), weight.contiguous(), out, s, channels_last);
+    } else {
+      at::Tensor out_nchw = out.contiguous();
+      conv2d_direct_forward<scalar_t>(input.contiguous().const_data_ptr<scalar_t>(),
+                                      weight.contiguous().const_data_ptr<scalar_t>(),
+                                      out_nchw.data_ptr<scalar_t>(), s);
+      if (!out_nchw.is_same(out)) out.copy_(out_nchw);
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    c10::string_view algo, std::array<bool, 3> output_mask) {
+  check_cpu(input, "input");
+  check_cpu(weight, "weight");
+  check_cpu(grad_output, "grad_output");
+  const Conv2dShape s = conv2d_shape(input, weight, stride, padding, dilation, groups);
+  check_conv2d_grad_output(grad_output, input, s);
+  check_conv2d_algo(algo, {"direct", "im2col"}, "cpu");
+  const at::MemoryFormat fmt = conv2d_memory_format(input);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  at::Tensor grad_in = output_mask[0] ? at::zeros_like(input, input.options().memory_format(fmt))
+                                      : at::empty({0}, input.options());
+  at::Tensor grad_w = output_mask[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
+                                     : at::empty({0}, input.options());
+  at::Tensor grad_b = output_mask[2] ? at::zeros({s.K}, input.options()) : at::empty({0}, input.options());
+  if (s.N == 0) return {grad_in, grad_w, grad_b};
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_backward_cpu", [&] {
+    if (algo == "im2col") {
+      const at::Tensor go = grad_output.contiguous(fmt);
+      at::Tensor gi = output_mask[0] ? grad_in : at::Tensor();
+      at::Tensor gw = output_mask[1] ? grad_w : at::Tensor();
+      if (gi.defined() || gw.defined()) {
+        conv2d_im2col_backward<scalar_t>(go, input.contiguous(fmt), weight.contiguous(), gi, gw, s,
+                                         channels_last);
+      }
+      if (output_mask[2]) conv2d_grad_bias<scalar_t>(go, grad_b, s, channels_last);
+    } else {
+      const at::Tensor go = grad_output.contiguous();
+      if (output_mask[0]) {
+        at::Tensor gi = grad_in.contiguous();
+        conv2d_direct_grad_input<scalar_t>(go.const_data_ptr<scalar_t>(),
+                                           weight.contiguous().const_data_ptr<scalar_t>(),
+                                           gi.data_ptr<scalar_t>(), s);
+        if (!gi.is_same(grad_in)) grad_in.copy_(gi);
+      }
+      if (output_mask[1]) {
+        conv2d_direct_grad_weight<scalar_t>(go.const_data_ptr<scalar_t>(),
+                                            input.contiguous().const_data_ptr<scalar_t>(),
+                                            grad_w.data_ptr<scalar_t>(), s);
+      }
+      if (output_mask[2]) conv2d_grad_bias<scalar_t>(go, grad_b, s, false);
+    }
+  });
+  return {grad_in, grad_w, grad_b};
+}
+
+}  // namespace
+}  // namespace cnnops
+
+TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
+  m.impl("conv2d", &cnnops::conv2d_cpu);
+  m.impl("_conv2d_backward", &cnnops::conv2d_backward_cpu);
+}

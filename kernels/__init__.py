@@ -1,0 +1,1 @@
+"""Triton kernels, installed as the package cnnops.kernels. Imports nothing from cnnops."""

@@ -1,0 +1,255 @@
+"""cnnops.conv2d against torch.nn.functional.conv2d in float64, on every CPU algorithm."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerance import assert_close_to_reference
+
+import cnnops
+
+CPU_ALGOS = ["direct", "im2col"]
+
+
+def case(n, c, h, w, k, kernel, stride=1, padding=0, dilation=1, groups=1, bias=True, id=None):
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    spec = dict(n=n, c=c, h=h, w=w, k=k, kh=kh, kw=kw, stride=stride, padding=padding,
+                dilation=dilation, groups=groups, bias=bias)
+    return pytest.param(spec, id=id)
+
+
+CASES = [
+    case(2, 8, 10, 10, 6, 1, id="1x1"),
+    case(2, 6, 12, 12, 5, 1, stride=2, id="1x1-s2"),
+    case(2, 5, 11, 11, 7, 3, padding=1, id="3x3"),
+    case(2, 4, 13, 13, 6, 5, padding=2, id="5x5"),
+    case(2, 3, 20, 20, 8, 7, stride=2, padding=3, id="7x7-s2-p3"),
+    case(1, 3, 47, 47, 8, 11, stride=4, padding=2, id="11x11-s4-alexnet"),
+    case(2, 6, 14, 14, 4, 3, padding=2, dilation=2, id="3x3-dil2"),
+    case(2, 4, 17, 15, 4, 3, padding=3, dilation=3, id="3x3-dil3"),
+    case(2, 8, 9, 9, 6, 3, padding=1, groups=2, id="groups2"),
+    case(2, 8, 9, 9, 8, 3, padding=1, groups=4, id="groups4"),
+    case(2, 64, 6, 6, 64, 3, padding=1, groups=32, id="groups32"),
+    case(2, 6, 11, 11, 6, 3, padding=1, groups=6, id="depthwise"),
+    case(2, 6, 11, 11, 12, 3, stride=2, padding=1, groups=6, id="depthwise-mult2-s2"),
+    case(2, 4, 12, 16, 5, (3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1), id="asymmetric"),
+    case(2, 3, 9, 21, 4, 3, padding=1, id="non-square"),
+    case(2, 3, 8, 8, 4, 3, padding=3, id="pad-more-than-half-kernel"),
+    case(1, 4, 9, 9, 5, 3, padding=1, id="batch1"),
+    case(0, 4, 9, 9, 5, 3, padding=1, id="batch0"),
+    case(2, 1, 13, 13, 4, 3, id="cin1"),
+    case(3, 5, 7, 7, 3, 3, stride=2, id="odd-7"),
+    case(2, 3, 13, 13, 5, 3, stride=3, padding=1, id="odd-13-s3"),
+    case(2, 4, 5, 5, 3, 5, id="1x1-output"),
+    case(2, 4, 9, 9, 6, 3, padding=1, bias=False, id="no-bias"),
+    case(1, 16, 31, 31, 8, 3, padding=12, dilation=12, id="aspp-dil12"),
+    case(1, 4, 9, 9, 4, 3, padding=6, dilation=4, id="all-padding-rows"),
+]
+
+LAYOUTS = ["nchw", "channels_last", "non_contiguous"]
+
+
+def make_problem(spec, dtype, layout="nchw", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(spec["n"], spec["c"], spec["h"], spec["w"], generator=gen, dtype=torch.float64)
+    w = torch.randn(spec["k"], spec["c"] // spec["groups"], spec["kh"], spec["kw"], generator=gen,
+                    dtype=torch.float64)
+    b = torch.randn(spec["k"], generator=gen, dtype=torch.float64) if spec["bias"] else None
+    x, w = x.to(dtype), w.to(dtype)
+    b = b.to(dtype) if b is not None else None
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "non_contiguous":
+        # Every other column of a twice-as-wide tensor: a strided view, neither NCHW nor NHWC.
+        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=dtype)
+        wide[..., ::2] = x
+        x = wide[..., ::2]
+        assert x.numel() == 0 or not x.is_contiguous()
+    return x, w, b
+
+
+def conv_args(spec):
+    return dict(stride=spec["stride"], padding=spec["padding"], dilation=spec["dilation"],
+                groups=spec["groups"])
+
+
+def reduction_lengths(spec, out_shape):
+    """Reduction length of each result: output, grad input, grad weight, grad bias."""
+    n, k, p, q = out_shape
+    cg, kg = spec["c"] // spec["groups"], spec["k"] // spec["groups"]
+    taps = spec["kh"] * spec["kw"]
+    return cg * taps, kg * taps, n * p * q, n * p * q
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("algo", CPU_ALGOS)
+@pytest.mark.parametrize("spec", CASES)
+def test_forward_and_gradients_match_torch(spec, algo, layout):
+    x, w, b = make_problem(spec, torch.float32, layout)
+    params = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    out = cnnops.conv2d(x, w, b, **conv_args(spec), algo=algo)
+
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    ref = F.conv2d(x64, w64, b64, **conv_args(spec))
+    lengths = reduction_lengths(spec, ref.shape)
+    assert_close_to_reference(out, ref, lengths[0])
+    if layout == "channels_last" and not x.is_contiguous():
+        # (An input with C == 1, or empty, is NCHW-contiguous too: either layout is right.)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, params, grad_out.float())
+    ref_grads = torch.autograd.grad(ref, [t for t in (x64, w64, b64) if t is not None], grad_out)
+    for name, got, want, length in zip(("grad_input", "grad_weight", "grad_bias"), grads, ref_grads, lengths[1:]):
+        assert_close_to_reference(got, want, length, name)
+
+
+@pytest.mark.parametrize("algo", CPU_ALGOS)
+@pytest.mark.parametrize("spec", [CASES[i] for i in (2, 6, 9, 12, 13, 15, 21)])
+def test_gradcheck_float64(spec, algo):
+    small = dict(spec, n=min(spec["n"], 1))
+    x, w, b = make_problem(small, torch.float64)
+    inputs = [t.requires_grad_() for t in (x, w, b) if t is not None]
+
+    def fn(*args):
+        return cnnops.conv2d(args[0], args[1], args[2] if b is not None else None,
+                             **conv_args(small), algo=algo)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("algo", CPU_ALGOS)
+def test_float64_matches_torch_tightly(algo):
+    spec = CASES[4].values[0]
+    x, w, b = make_problem(spec, torch.float64)
+    torch.testing.assert_close(cnnops.conv2d(x, w, b, **conv_args(spec), algo=algo),
+                               F.conv2d(x, w, b, **conv_args(spec)))
+
+
+def test_batch0_gradients_are_zero():
+    x = torch.randn(0, 4, 9, 9, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    for algo in CPU_ALGOS:
+        out = cnnops.conv2d(x, w, b, padding=1, algo=algo)
+        assert out.shape == (0, 5, 9, 9)
+        gx, gw, gb = torch.autograd.grad(out.sum(), (x, w, b))
+        assert gx.shape == x.shape and gw.abs().sum() == 0 and gb.abs().sum() == 0
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("kernel,dilation", [(3, 1), (4, 1), (4, 3), ((2, 5), (2, 1))])
+def test_string_padding(padding, kernel, dilation):
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = torch.randn(2, 3, 11, 12, dtype=torch.float64)
+    w = torch.randn(4, 3, kh, kw, dtype=torch.float64)
+    for algo in CPU_ALGOS:
+        torch.testing.assert_close(
+            cnnops.conv2d(x, w, None, 1, padding, dilation, algo=algo),
+            F.conv2d(x, w, None, 1, padding, dilation),
+        )
+
+
+def test_auto_algo_and_positional_signature():
+    x, w, b = make_problem(CASES[2].values[0], torch.float64)
+    torch.testing.assert_close(cnnops.conv2d(x, w, b, 1, 1, 1, 1), F.conv2d(x, w, b, 1, 1, 1, 1))
+    torch.testing.assert_close(cnnops.conv2d(x, w, b, [1], (1, 1)), F.conv2d(x, w, b, [1], (1, 1)))
+
+
+@pytest.mark.parametrize("algo", CPU_ALGOS)
+def test_opcheck(algo):
+    x, w, b = make_problem(CASES[13].values[0], torch.float32)
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+    torch.library.opcheck(torch.ops.cnnops.conv2d.default,
+                          (x, w, b, [1, 2], [2, 1], [2, 1], 1, algo))
+    xl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.cnnops.conv2d.default,
+                          (xl, w, None, [2, 2], [1, 1], [1, 1], 1, algo))
+
+
+def test_torch_compile_fullgraph():
+    x, w, b = make_problem(CASES[9].values[0], torch.float32)
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def block(x, w, b):
+        return torch.relu(cnnops.conv2d(x, w, b, padding=1, groups=4)) * 2
+
+    torch.testing.assert_close(block(x, w, b), torch.relu(F.conv2d(x, w, b, padding=1, groups=4)) * 2,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_backward():
+    x, w, b = make_problem(CASES[2].values[0], torch.float32)
+    x.requires_grad_()
+    w.requires_grad_()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def loss(x, w, b):
+        return cnnops.conv2d(x, w, b, padding=1).square().sum()
+
+    gx, gw = torch.autograd.grad(loss(x, w, b), (x, w))
+    rx, rw = torch.autograd.grad(F.conv2d(x, w, b, padding=1).square().sum(), (x, w))
+    torch.testing.assert_close(gx, rx, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gw, rw, atol=1e-3, rtol=1e-4)
+
+
+# ---- bad input: a clear exception, raised before any kernel runs ----
+
+def _x():
+    return torch.randn(2, 4, 9, 9)
+
+
+def _w(k=6, c=4, r=3):
+    return torch.randn(k, c, r, r)
+
+
+BAD_INPUTS = [
+    pytest.param(lambda: cnnops.conv2d(torch.randn(4, 9, 9), _w()), ValueError, "input must be 4-D", id="input-rank"),
+    pytest.param(lambda: cnnops.conv2d(_x(), torch.randn(6, 4, 3)), ValueError, "weight must be 4-D", id="weight-rank"),
+    pytest.param(lambda: cnnops.conv2d(_x().long(), _w().long()), TypeError, "floating-point", id="integer-dtype"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w().double()), TypeError, "weight dtype", id="dtype-mismatch"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), torch.randn(6).double()), TypeError, "bias dtype", id="bias-dtype"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), torch.randn(5)), RuntimeError, "bias must have shape", id="bias-shape"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), None, 1, 0, 1, 1, algo="im2col", backend="cuda"), RuntimeError, "backend 'cuda' cannot run", id="backend-device"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(c=3)), ValueError, "weight.size(1)", id="channels-mismatch"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(k=5, c=2), groups=2), ValueError, "divide the output channels", id="groups-not-dividing-cout"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(k=6, c=1), groups=3), ValueError, "divide the input channels", id="groups-not-dividing-cin"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), groups=0), ValueError, "groups must be >= 1", id="groups-zero"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), stride=0), ValueError, "stride must be >= 1", id="stride-zero"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), stride=(1, -2)), ValueError, "stride must be >= 1", id="stride-negative"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), dilation=0), ValueError, "dilation must be >= 1", id="dilation-zero"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), padding=-1), ValueError, "padding must be >= 0", id="padding-negative"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), padding="full"), ValueError, "padding must be 'same'", id="padding-unknown"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), stride=2, padding="same"), ValueError, "needs stride 1", id="same-strided"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(r=11)), ValueError, "larger than the padded input", id="kernel-too-large"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), dilation=5), ValueError, "larger than the padded input", id="dilated-kernel-too-large"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), algo="winograd"), ValueError, "unknown algo", id="unknown-algo"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), algo="implicit_gemm"), ValueError, "not available on the cpu backend", id="algo-not-on-backend"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), backend="opencl"), ValueError, "unknown backend", id="unknown-backend"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w(), stride=(1, 2, 3)), TypeError, "pair of ints", id="stride-triple"),
+    pytest.param(lambda: cnnops.conv2d(_x().numpy(), _w()), TypeError, "input must be a Tensor", id="not-a-tensor"),
+    pytest.param(lambda: cnnops.conv2d(torch.randn(2, 4, 0, 9), _w()), ValueError, "non-zero channels, height and width", id="empty-spatial"),
+]
+
+
+@pytest.mark.parametrize("call,error,message", BAD_INPUTS)
+def test_bad_input_raises_clear_error(call, error, message):
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call()
+
+
+@pytest.mark.parametrize("args,message", [
+    pytest.param((torch.randn(2, 4, 9, 9), torch.randn(6, 3, 3, 3), None, [1, 1], [0, 0], [1, 1], 1, "im2col"), "weight.size(1)", id="channels"),
+    pytest.param((torch.randn(2, 4, 9, 9), torch.randn(6, 4, 3, 3), None, [0, 1], [0, 0], [1, 1], 1, "direct"), "stride must be >= 1", id="stride"),
+    pytest.param((torch.randn(2, 4, 9, 9), torch.randn(6, 4, 3, 3), None, [1, 1], [0, 0], [1, 1], 1, "fft"), "algo 'fft' is not available", id="algo"),
+    pytest.param((torch.randn(2, 4, 2, 2), torch.randn(6, 4, 3, 3), None, [1, 1], [0, 0], [1, 1], 1, "direct"), "larger than the padded input", id="kernel-too-large"),
+    pytest.param((torch.randn(2, 4, 9, 9).half(), torch.randn(6, 4, 3, 3).half(), None, [1, 1], [0, 0], [1, 1], 1, "direct"), "float32 or float64", id="half-on-cpu"),
+])
+def test_raw_op_checks_its_arguments(args, message):
+    """torch.ops.cnnops.conv2d called directly, skipping the Python checks, still raises."""
+    with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        torch.ops.cnnops.conv2d(*args)

@@ -28,7 +28,8 @@ def nvcc_toolkit_root():
         return None
     try:
         out = subprocess.run(
-            [nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
         )
     except (OSError, subprocess.SubprocessError):
         return None

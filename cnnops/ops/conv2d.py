@@ -121,8 +121,14 @@ def _same_padding(input, weight, stride, dilation):
 
 
 def choose_algo(backend, input_shape, weight_shape, stride, dilation, groups):
-    """The algorithm algo="auto" runs."""
-    return "im2col"
+    """The algorithm algo="auto" runs.
+
+    Grouped convolutions have too few channels per group for a GEMM to pay for im2col's column
+    buffer (R*S times the input, written and read back); the direct kernel reads the input once.
+    Dense convolutions are GEMM-shaped: im2col hands them to the BLAS.
+    (Measured with bench/: see bench/results/ for the figures behind this rule.)
+    """
+    return "direct" if groups > 1 else "im2col"
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algo="auto",

@@ -3,81 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conv2d_cases import CASES, LAYOUTS, conv_args, make_problem, reduction_lengths
 from tolerance import assert_close_to_reference
 
 import cnnops
 
 CPU_ALGOS = ["direct", "im2col"]
-
-
-def case(n, c, h, w, k, kernel, stride=1, padding=0, dilation=1, groups=1, bias=True, id=None):
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    spec = dict(n=n, c=c, h=h, w=w, k=k, kh=kh, kw=kw, stride=stride, padding=padding,
-                dilation=dilation, groups=groups, bias=bias)
-    return pytest.param(spec, id=id)
-
-
-CASES = [
-    case(2, 8, 10, 10, 6, 1, id="1x1"),
-    case(2, 6, 12, 12, 5, 1, stride=2, id="1x1-s2"),
-    case(2, 5, 11, 11, 7, 3, padding=1, id="3x3"),
-    case(2, 4, 13, 13, 6, 5, padding=2, id="5x5"),
-    case(2, 3, 20, 20, 8, 7, stride=2, padding=3, id="7x7-s2-p3"),
-    case(1, 3, 47, 47, 8, 11, stride=4, padding=2, id="11x11-s4-alexnet"),
-    case(2, 6, 14, 14, 4, 3, padding=2, dilation=2, id="3x3-dil2"),
-    case(2, 4, 17, 15, 4, 3, padding=3, dilation=3, id="3x3-dil3"),
-    case(2, 8, 9, 9, 6, 3, padding=1, groups=2, id="groups2"),
-    case(2, 8, 9, 9, 8, 3, padding=1, groups=4, id="groups4"),
-    case(2, 64, 6, 6, 64, 3, padding=1, groups=32, id="groups32"),
-    case(2, 6, 11, 11, 6, 3, padding=1, groups=6, id="depthwise"),
-    case(2, 6, 11, 11, 12, 3, stride=2, padding=1, groups=6, id="depthwise-mult2-s2"),
-    case(2, 4, 12, 16, 5, (3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1), id="asymmetric"),
-    case(2, 3, 9, 21, 4, 3, padding=1, id="non-square"),
-    case(2, 3, 8, 8, 4, 3, padding=3, id="pad-more-than-half-kernel"),
-    case(1, 4, 9, 9, 5, 3, padding=1, id="batch1"),
-    case(0, 4, 9, 9, 5, 3, padding=1, id="batch0"),
-    case(2, 1, 13, 13, 4, 3, id="cin1"),
-    case(3, 5, 7, 7, 3, 3, stride=2, id="odd-7"),
-    case(2, 3, 13, 13, 5, 3, stride=3, padding=1, id="odd-13-s3"),
-    case(2, 4, 5, 5, 3, 5, id="1x1-output"),
-    case(2, 4, 9, 9, 6, 3, padding=1, bias=False, id="no-bias"),
-    case(1, 16, 31, 31, 8, 3, padding=12, dilation=12, id="aspp-dil12"),
-    case(1, 4, 9, 9, 4, 3, padding=6, dilation=4, id="all-padding-rows"),
-]
-
-LAYOUTS = ["nchw", "channels_last", "non_contiguous"]
-
-
-def make_problem(spec, dtype, layout="nchw", seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(spec["n"], spec["c"], spec["h"], spec["w"], generator=gen, dtype=torch.float64)
-    w = torch.randn(spec["k"], spec["c"] // spec["groups"], spec["kh"], spec["kw"], generator=gen,
-                    dtype=torch.float64)
-    b = torch.randn(spec["k"], generator=gen, dtype=torch.float64) if spec["bias"] else None
-    x, w = x.to(dtype), w.to(dtype)
-    b = b.to(dtype) if b is not None else None
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout == "non_contiguous":
-        # Every other column of a twice-as-wide tensor: a strided view, neither NCHW nor NHWC.
-        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=dtype)
-        wide[..., ::2] = x
-        x = wide[..., ::2]
-        assert x.numel() == 0 or not x.is_contiguous()
-    return x, w, b
-
-
-def conv_args(spec):
-    return dict(stride=spec["stride"], padding=spec["padding"], dilation=spec["dilation"],
-                groups=spec["groups"])
-
-
-def reduction_lengths(spec, out_shape):
-    """Reduction length of each result: output, grad input, grad weight, grad bias."""
-    n, k, p, q = out_shape
-    cg, kg = spec["c"] // spec["groups"], spec["k"] // spec["groups"]
-    taps = spec["kh"] * spec["kw"]
-    return cg * taps, kg * taps, n * p * q, n * p * q
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

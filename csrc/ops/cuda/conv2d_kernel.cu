@@ -57,7 +57,9 @@ struct Strides4 {
   int64_t n, c, h, w;
 };
 
-Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -173,7 +175,8 @@ __global__ void __launch_bounds__(kThreads)
                                  const scalar_t* __restrict__ weight,
                                  const scalar_t* __restrict__ bias,  // contiguous, or nullptr
                                  scalar_t* __restrict__ output, Conv2dShape cs, Strides4 in_st,
-                                 Strides4 w_st, Strides4 out_st, bool channels_last, int64_t total) {
+                                 Strides4 w_st, Strides4 out_st, bool channels_last,
+                                 int64_t total) {
   const int64_t Cg = cs.channels_per_group();
   const int64_t Kg = cs.outputs_per_group();
   const int64_t tiles_per_group = (Kg + KT - 1) / KT;
@@ -756,6 +759,19 @@ at::Tensor im2col_backward(const at::Tensor& grad_output, const at::Tensor& inpu
   return gw_acc.to(weight.scalar_type()).view(weight.sizes());
 }
 
+// Masked-out gradients are returned as distinct empty tensors: outputs of one op must not alias.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_backward(const at::Tensor& grad_input,
+                                                               const at::Tensor& grad_weight,
+                                                               const at::Tensor& grad_bias,
+                                                               const at::Tensor& input,
+                                                               std::array<bool, 3> output_mask) {
+  auto or_empty = [&](const at::Tensor& t, bool wanted) {
+    return wanted ? t : at::empty({0}, input.options());
+  };
+  return {or_empty(grad_input, output_mask[0]), or_empty(grad_weight, output_mask[1]),
+          or_empty(grad_bias, output_mask[2])};
+}
+
 at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -777,16 +793,14 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
-                                  "cnnops_conv2d_cuda", [&] {
-                                    if (algo == "im2col") {
-                                      im2col_forward<scalar_t>(input, weight, bias_c, output, cs,
-                                                               channels_last, stream);
-                                    } else {
-                                      direct_forward<scalar_t>(input, weight, bias_c, output, cs,
-                                                               channels_last, stream);
-                                    }
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_conv2d_cuda", [&] {
+        if (algo == "im2col") {
+          im2col_forward<scalar_t>(input, weight, bias_c, output, cs, channels_last, stream);
+        } else {
+          direct_forward<scalar_t>(input, weight, bias_c, output, cs, channels_last, stream);
+        }
+      });
   return output;
 }
 
@@ -804,7 +818,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   c10::cuda::CUDAGuard guard(input.device());
   const at::MemoryFormat fmt = conv2d_memory_format(input);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  const at::Tensor none = at::empty({0}, input.options());
   at::Tensor grad_input =
       output_mask[0] ? at::empty(input.sizes(), input.options().memory_format(fmt)) : at::Tensor();
   at::Tensor grad_weight;
@@ -813,8 +826,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     // No samples: nothing to launch; weight and bias gradients are sums over nothing.
     if (output_mask[1]) grad_weight = at::zeros(weight.sizes(), weight.options());
     if (output_mask[2]) grad_bias_t = at::zeros({cs.K}, input.options());
-    return {output_mask[0] ? grad_input : none, output_mask[1] ? grad_weight : none,
-            output_mask[2] ? grad_bias_t : none};
+    return finish_backward(grad_input, grad_weight, grad_bias_t, input, output_mask);
   }
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -840,8 +852,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
           }
         }
       });
-  return {output_mask[0] ? grad_input : none, output_mask[1] ? grad_weight : none,
-          output_mask[2] ? grad_bias_t : none};
+  return finish_backward(grad_input, grad_weight, grad_bias_t, input, output_mask);
 }
 
 }  // namespace

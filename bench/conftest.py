@@ -1,0 +1,8 @@
+"""Makes `pytest bench/` import the `bench` package from this checkout whatever the working directory."""
+
+import sys
+from pathlib import Path
+
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)

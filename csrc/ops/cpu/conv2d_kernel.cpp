@@ -611,7 +611,8 @@ __attribute__((always_inline)) inline void direct_forward_tasks(const DirectTask
 template <int kKB>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) void direct_forward_tasks_avx512(
     const DirectTasks& a, int64_t begin, int64_t end) {
-  direct_forward_tasks<float, kKB, 64>(a, begin, end);
+  // 32 zmm registers: kKB x kJB accumulators of 16 floats must leave room for the inputs.
+  direct_forward_tasks<float, kKB, (kKB >= 8 ? 32 : 64)>(a, begin, end);
 }
 template <int kKB>
 __attribute__((target("avx2,fma"))) void direct_forward_tasks_avx2(const DirectTasks& a,
@@ -627,7 +628,7 @@ void direct_forward_tasks_f32(const DirectTasks& a, int64_t begin, int64_t end) 
                              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (avx512) return direct_forward_tasks_avx512<kKB>(a, begin, end);
-  if (avx2) return direct_forward_tasks_avx2<kKB>(a, begin, end);
+  if (avx2 && kKB <= 4) return direct_forward_tasks_avx2<kKB>(a, begin, end);  // 16 ymm registers
 #endif
   direct_forward_tasks<float, kKB, 32>(a, begin, end);
 }
@@ -683,7 +684,9 @@ void conv2d_direct_forward(const at::Tensor& input, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, at::Tensor& out,
                            const Conv2dShape& s) {
   const int64_t kg = s.outputs_per_group();
-  if (kg % 4 == 0) {
+  if (kg % 8 == 0) {
+    conv2d_direct_forward_blocked<T, 8>(input, weight, bias, out, s);
+  } else if (kg % 4 == 0) {
     conv2d_direct_forward_blocked<T, 4>(input, weight, bias, out, s);
   } else if (kg % 2 == 0) {
     conv2d_direct_forward_blocked<T, 2>(input, weight, bias, out, s);

@@ -488,8 +488,10 @@ DirectPlan plan_direct(const Conv2dShape& s) {
   return d;
 }
 
-// Writes the padded polyphase copy of `channels` input planes. It runs inside each task, on the
-// task's own group, so the copy stays in cache and is vectorised with the task's instruction set.
+// Writes the polyphase copy of `channels` input planes into a buffer that was zero-filled once:
+// padding and slack are zeros at fixed places, so only the input pixels are copied, every time
+// to the same places. It runs inside each task, on the task's own group, so the copy stays in
+// cache and is vectorised with the task's instruction set.
 template <typename T>
 __attribute__((always_inline)) inline void build_group_phases(const T* in, T* phases, int64_t channels,
                                                               const Conv2dShape& s,
@@ -499,18 +501,15 @@ __attribute__((always_inline)) inline void build_group_phases(const T* in, T* ph
     T* dst = phases + c * d.channel_stride;
     for (int64_t a = 0; a < s.stride_h; ++a) {
       for (int64_t b = 0; b < s.stride_w; ++b, dst += d.phase_rows * d.Wph) {
-        // Phase columns [j_lo, j_hi) map to input columns j * stride_w + b - pad_w inside [0, W).
+        // Phase rows/columns [lo, hi) map to input rows/columns i * stride + phase - pad inside
+        // the input.
+        const int64_t i_lo = std::min(d.Hph, std::max<int64_t>(0, s.pad_h - a + s.stride_h - 1) / s.stride_h);
+        const int64_t i_hi = std::clamp(floor_div(s.H - 1 + s.pad_h - a, s.stride_h) + 1, i_lo, d.Hph);
         const int64_t j_lo = std::min(d.Wph, std::max<int64_t>(0, s.pad_w - b + s.stride_w - 1) / s.stride_w);
         const int64_t j_hi = std::clamp(floor_div(s.W - 1 + s.pad_w - b, s.stride_w) + 1, j_lo, d.Wph);
-        for (int64_t i = 0; i < d.phase_rows; ++i) {
-          const int64_t h = i * s.stride_h + a - s.pad_h;
+        for (int64_t i = i_lo; i < i_hi; ++i) {
+          const T* src = plane + (i * s.stride_h + a - s.pad_h) * s.W + b - s.pad_w;
           T* row = dst + i * d.Wph;
-          if (h < 0 || h >= s.H) {
-            std::fill(row, row + d.Wph, T(0));
-            continue;
-          }
-          const T* src = plane + h * s.W + b - s.pad_w;
-          std::fill(row, row + j_lo, T(0));
           if (s.stride_w == 1) {
             std::memcpy(row + j_lo, src + j_lo, (j_hi - j_lo) * sizeof(T));
           } else if (s.stride_w == 2) {
@@ -518,7 +517,6 @@ __attribute__((always_inline)) inline void build_group_phases(const T* in, T* ph
           } else {
             for (int64_t j = j_lo; j < j_hi; ++j) row[j] = src[j * s.stride_w];
           }
-          std::fill(row + j_hi, row + d.Wph, T(0));
         }
       }
     }
@@ -528,7 +526,7 @@ __attribute__((always_inline)) inline void build_group_phases(const T* in, T* ph
 // Register tile: kKB output channels x kJB wide positions, accumulated over every tap of the group.
 template <typename T, int kKB, int kJB>
 __attribute__((always_inline)) inline void direct_tile(const T* group_phases, const int64_t* tap_offsets,
-                                                       const T* packed_w, int64_t taps, int64_t j0,
+                                                       const T* weight, int64_t taps, int64_t j0,
                                                        const T* bias, T* wide) {
   typedef T vec __attribute__((vector_size(64)));
   constexpr int kLanes = 64 / sizeof(T), kVecs = kJB / kLanes;
@@ -541,7 +539,7 @@ __attribute__((always_inline)) inline void direct_tile(const T* group_phases, co
     vec x[kVecs];
     for (int v = 0; v < kVecs; ++v) std::memcpy(&x[v], src + v * kLanes, sizeof(vec));
     for (int kb = 0; kb < kKB; ++kb) {
-      const T wv = packed_w[t * kKB + kb];
+      const T wv = weight[kb * taps + t];
       for (int v = 0; v < kVecs; ++v) acc[kb][v] += x[v] * wv;
     }
   }
@@ -553,7 +551,7 @@ __attribute__((always_inline)) inline void direct_tile(const T* group_phases, co
 struct DirectTasks {
   const void* input;     // NCHW-contiguous
   int64_t chunks;        // tasks per (sample, group): each takes a share of its output blocks
-  const void* packed_w;  // (K / kKB, taps, kKB)
+  const void* weight;    // (K, C/groups, R, S), contiguous
   const void* bias;      // or nullptr
   void* out;
   const int64_t* tap_offsets;
@@ -571,7 +569,7 @@ __attribute__((always_inline)) inline void direct_forward_tasks(const DirectTask
   const int64_t cg = s.channels_per_group(), kg = s.outputs_per_group(), taps = cg * s.R * s.S;
   const int64_t group_blocks = kg / kKB;
   const int64_t blocks_per_chunk = (group_blocks + a.chunks - 1) / a.chunks;
-  std::vector<T> phases(cg * d.channel_stride);
+  std::vector<T> phases(cg * d.channel_stride);  // zero-filled once: see build_group_phases
   T tile[kKB * kJB];
   for (int64_t task = begin; task < end; ++task) {
     const int64_t chunk = task % a.chunks, ng = task / a.chunks;
@@ -582,7 +580,7 @@ __attribute__((always_inline)) inline void direct_forward_tasks(const DirectTask
                        cg, s, d);
     for (int64_t blk = b_lo; blk < b_hi; ++blk) {
       const int64_t k0 = g * kg + blk * kKB;
-      const T* w = static_cast<const T*>(a.packed_w) + (k0 / kKB) * taps * kKB;
+      const T* w = static_cast<const T*>(a.weight) + k0 * taps;
       const T* bias = a.bias ? static_cast<const T*>(a.bias) + k0 : nullptr;
       T* out = static_cast<T*>(a.out) + (n * s.K + k0) * s.P * s.Q;
       for (int64_t j0 = 0; j0 < d.wide_len; j0 += kJB) {
@@ -663,15 +661,15 @@ void conv2d_direct_forward_blocked(const at::Tensor& input, const at::Tensor& we
       }
     }
   }
-  // (K, cg, R, S) -> (K / kKB, cg * R * S, kKB): a tile's kKB weights of one tap are adjacent.
-  at::Tensor packed_w = weight.reshape({s.K / kKB, kKB, cg * s.R * s.S}).transpose(1, 2).contiguous();
   at::Tensor bias_c = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   // Enough tasks to keep every thread busy even at batch 1 with few groups; a chunk rebuilds its
   // group's phases, a small cost next to the tiles of a dense group.
   const int64_t group_blocks = s.outputs_per_group() / kKB;
   const int64_t chunks = std::clamp<int64_t>(
       (4 * at::get_num_threads() + s.N * s.groups - 1) / std::max<int64_t>(1, s.N * s.groups), 1, group_blocks);
-  const DirectTasks tasks{input.const_data_ptr<T>(), chunks, packed_w.const_data_ptr<T>(),
+  // The weights are read in place: a tile's kKB filters are kKB streams walked in step, which the
+  // prefetcher follows; repacking them would cost a copy of the whole weight on every call.
+  const DirectTasks tasks{input.const_data_ptr<T>(), chunks, weight.const_data_ptr<T>(),
                           bias_c.defined() ? bias_c.const_data_ptr<T>() : nullptr,
                           out.data_ptr<T>(), tap_offsets.data(), s, d};
   at::parallel_for(0, s.N * s.groups * chunks, 1, [&](int64_t begin, int64_t end) {

@@ -20,7 +20,7 @@ from bench.report import (
     SUMMARY_COLUMNS,
     environment,
     markdown_table,
-    record_load_at_end,
+    record_machine_load,
     summarize,
     write_results,
 )
@@ -82,7 +82,7 @@ def main(argv=None):
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     env = environment(device, command.strip(), notes)
     result = run_suite(cases, plan)
-    busy_warning = record_load_at_end(env)
+    busy_warning = record_machine_load(env, result.others_cpu_pct)
 
     suffix = ("-quick" if args.quick else "") + ("-channels-last" if args.channels_last else "")
     md_path, csv_path = write_results(args.out, hardware.device_slug(env["device"]) + suffix, env,

@@ -17,6 +17,8 @@ resolution and the Python overhead of one sample do not dominate.
 """
 
 import math
+import os
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -78,8 +80,40 @@ QUICK_PLAN = TimingPlan(budget_s=0.05, min_samples=3, max_samples=10, warmup_s=0
 COLUMNS = (
     "op", "set", "layer", "batch", "shape", "dtype", "device", "provider",
     "median_ms", "p20_ms", "p80_ms", "gflops", "gbps", "speedup", "roofline_pct",
-    "max_err", "tolerance", "correct", "samples",
+    "max_err", "tolerance", "correct", "samples", "others_cpu_pct",
 )
+
+
+class OtherProcessesCpuMeter:
+    """Share of the machine's CPU time that other processes used since the meter started.
+
+    On a small shared machine a compile next door disturbs timings badly (thread-pool barriers wait
+    for a core), so every row says how busy the machine was while it was measured. Linux only
+    (/proc/stat); elsewhere the share is None.
+    """
+
+    def __init__(self):
+        self._start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as stat:
+                ticks = [int(v) for v in stat.readline().split()[1:9]]  # user .. steal
+        except (OSError, ValueError):
+            return None
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return sum(ticks), ticks[3] + ticks[4], usage.ru_utime + usage.ru_stime  # total, idle+iowait, ours
+
+    def percent(self):
+        end = self._read()
+        if self._start is None or end is None or end[0] == self._start[0]:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        total_s = (end[0] - self._start[0]) / hz
+        busy_s = total_s - (end[1] - self._start[1]) / hz
+        own_s = end[2] - self._start[2]
+        return 100.0 * min(1.0, max(0.0, busy_s - own_s) / total_s)
 
 
 def synchronize(device):
@@ -149,6 +183,7 @@ def _estimate_call_s(provider, args, first_call_s, plan, device):
 
 def run_case(case, plan):
     """Checks and times one case; returns one result row (a dict keyed by COLUMNS) per provider."""
+    meter = OtherProcessesCpuMeter()
     args = case.make_args()
     expected = case.expected(args)
     provider_args = [provider.arguments(args) for provider in case.providers]
@@ -168,7 +203,11 @@ def run_case(case, plan):
                 samples[provider.name].append(
                     time_calls(provider.fn, provider_arguments, repeats[provider.name], case.device)
                 )
-    return _rows(case, samples, errors, failures)
+    rows = _rows(case, samples, errors, failures)
+    others = meter.percent()
+    for row in rows:
+        row["others_cpu_pct"] = others
+    return rows
 
 
 def _rows(case, samples, errors, failures):
@@ -184,7 +223,7 @@ def _rows(case, samples, errors, failures):
             "device": case.device.type, "provider": provider.name,
             "median_ms": None, "p20_ms": None, "p80_ms": None, "gflops": None, "gbps": None,
             "speedup": None, "roofline_pct": None, "max_err": None, "tolerance": None,
-            "correct": "error", "samples": 0,
+            "correct": "error", "samples": 0, "others_cpu_pct": None,
             "reference": provider.name == reference,  # not a column: lets summaries skip it
         }
         if provider.name in failures:
@@ -220,19 +259,23 @@ def progress_line(index, total, case, rows, elapsed_s):
         else:
             wrong = "" if row["correct"] == "yes" else " WRONG"
             parts.append(f"{row['provider']} {row['speedup']:.2f}x{wrong}")
+    others = rows[0]["others_cpu_pct"] if rows else None
+    busy = f", other processes used {others:.0f}% of the CPU" if others is not None and others >= 10 else ""
     return (f"[{index}/{total}] {case.set_name} {case.layer} N={case.batch} "
-            f"{str(case.dtype).replace('torch.', '')}: {'; '.join(parts)} ({elapsed_s:.1f} s)")
+            f"{str(case.dtype).replace('torch.', '')}: {'; '.join(parts)} ({elapsed_s:.1f} s{busy})")
 
 
 @dataclass
 class SuiteResult:
     rows: list = field(default_factory=list)
     wall_s: float = 0.0
+    others_cpu_pct: float | None = None  # over the whole run
 
 
 def run_suite(cases, plan, stream=sys.stderr):
     """Runs every case, printing a progress line per case to `stream`."""
     result = SuiteResult()
+    meter = OtherProcessesCpuMeter()
     suite_begin = time.perf_counter()
     for index, case in enumerate(cases, 1):
         begin = time.perf_counter()
@@ -243,4 +286,5 @@ def run_suite(cases, plan, stream=sys.stderr):
         if case.device.type == "cuda":
             torch.cuda.empty_cache()  # the next case's large buffers should not meet fragmentation
     result.wall_s = time.perf_counter() - suite_begin
+    result.others_cpu_pct = meter.percent()
     return result

@@ -62,20 +62,21 @@ def environment(device, command, notes=()):
     return env
 
 
-def record_load_at_end(env):
-    """Adds the end-of-run load average to a CPU run's header, and a warning when the machine was
-    busier than its cores: with threads competing for cores, times (and ratios) are disturbed."""
+def record_machine_load(env, others_cpu_pct):
+    """Adds how busy other processes kept a CPU machine during the run, with a warning when they
+    took a noticeable share: threads then wait for cores and times (and ratios) are disturbed."""
     if env.get("device type") != "cpu":
         return None
-    load = os.getloadavg()
-    env["load average at end"] = " ".join(f"{x:.2f}" for x in load)
-    starts = [float(x) for x in env["load average at start"].split()]
-    if max(load[0], starts[0]) > env["cpus"]:
-        warning = (f"machine busy (1-min load average {starts[0]:.1f} at start, {load[0]:.1f} at end, "
-                   f"on {env['cpus']} cpus): other processes competed for the cores, timings disturbed")
-        env.setdefault("notes", []).append(warning)
-        return warning
-    return None
+    env["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    if others_cpu_pct is None:
+        return None
+    env["CPU used by other processes"] = f"{others_cpu_pct:.0f}%"
+    if others_cpu_pct < 10:
+        return None
+    warning = (f"other processes used {others_cpu_pct:.0f}% of the CPU during the run: timings are "
+               "disturbed (see the others_cpu_pct column per case)")
+    env.setdefault("notes", []).append(warning)
+    return warning
 
 
 def summarize(rows):

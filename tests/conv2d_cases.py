@@ -37,6 +37,8 @@ CASES = [
     case(2, 4, 9, 9, 6, 3, padding=1, bias=False, id="no-bias"),
     case(1, 16, 31, 31, 8, 3, padding=12, dilation=12, id="aspp-dil12"),
     case(1, 4, 9, 9, 4, 3, padding=6, dilation=4, id="all-padding-rows"),
+    case(1, 3, 4, 4, 2, 3, padding=(0, 8), dilation=(1, 3), id="column-bands-all-padding"),
+    case(2, 8, 12, 12, 6, 3, padding=10, dilation=10, groups=2, id="aspp-blocks-grouped"),
 ]
 
 LAYOUTS = ["nchw", "channels_last", "non_contiguous"]

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -29,7 +30,11 @@
 namespace cnnops {
 namespace {
 
-constexpr int64_t kColumnBufferBytes = int64_t{4} << 20;
+// Column buffers are capped near this size, but a GEMM always gets at least kMinGemmColumns
+// columns: the BLAS repacks the weight matrix on every call, and with a large C*R*S (ASPP's
+// 2048 x 3 x 3) thin calls would spend their time repacking.
+constexpr int64_t kColumnBufferBytes = int64_t{32} << 20;
+constexpr int64_t kMinGemmColumns = 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Row bands
@@ -99,10 +104,11 @@ std::vector<RowBand> plan_row_bands(const Conv2dShape& s, int64_t max_rows) {
   return bands;
 }
 
-// Weight packed for the kernel rows [r_lo, r_hi), per group: NCHW as (c, r, s), NHWC as (r, s, c).
+// Weight packed for kernel rows [r_lo, r_hi) and columns [s_lo, s_hi), per group: NCHW as
+// (c, r, s), NHWC as (r, s, c).
 at::Tensor pack_weight(const at::Tensor& weight, const Conv2dShape& s, int64_t r_lo, int64_t r_hi,
-                       bool channels_last) {
-  at::Tensor w = weight.slice(2, r_lo, r_hi);
+                       int64_t s_lo, int64_t s_hi, bool channels_last) {
+  at::Tensor w = weight.slice(2, r_lo, r_hi).slice(3, s_lo, s_hi);
   if (channels_last) w = w.permute({0, 2, 3, 1});
   return w.contiguous().view({s.groups, s.outputs_per_group(), -1});
 }
@@ -120,35 +126,40 @@ void unpack_weight_grad(const at::Tensor& packed, at::Tensor& grad_weight, const
 }
 
 // ---------------------------------------------------------------------------------------------
-// im2col / col2im, NCHW: column matrix (C * nr * S) x (band rows * Q) for one sample.
+// im2col / col2im, NCHW: column matrix (C * nr * ns) x (band rows * band columns) for one
+// sample, where the column band `cb` is a row band of the transposed problem (see
+// plan_column_bands): output columns [cb.p0, cb.p1) and kernel columns [cb.r_lo, cb.r_hi).
+
+RowBand all_columns(const Conv2dShape& s) { return {0, s.Q, 0, s.S}; }
 
 template <typename T>
-void im2col_nchw(const T* in, T* col, const Conv2dShape& s, const RowBand& b) {
-  const int64_t nr = b.r_hi - b.r_lo, rows = s.C * nr * s.S, width = (b.p1 - b.p0) * s.Q;
+void im2col_nchw(const T* in, T* col, const Conv2dShape& s, const RowBand& b, const RowBand& cb) {
+  const int64_t nr = b.r_hi - b.r_lo, ns = cb.r_hi - cb.r_lo, rows = s.C * nr * ns;
+  const int64_t band_q = cb.p1 - cb.p0, width = (b.p1 - b.p0) * band_q;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t c = row / (nr * s.S), r = b.r_lo + (row / s.S) % nr, tap_s = row % s.S;
+      const int64_t c = row / (nr * ns), r = b.r_lo + (row / ns) % nr, tap_s = cb.r_lo + row % ns;
       // Output columns [q_lo, q_hi) read inside the input; the rest are padding.
-      const int64_t q_lo =
-          std::min(conv_first_valid_output(tap_s, s.stride_w, s.pad_w, s.dilation_w), s.Q);
-      const int64_t q_hi =
-          std::max(q_lo, conv_last_valid_output(tap_s, s.W, s.Q, s.stride_w, s.pad_w, s.dilation_w));
+      const int64_t q_lo = std::clamp(
+          conv_first_valid_output(tap_s, s.stride_w, s.pad_w, s.dilation_w), cb.p0, cb.p1);
+      const int64_t q_hi = std::clamp(
+          conv_last_valid_output(tap_s, s.W, s.Q, s.stride_w, s.pad_w, s.dilation_w), q_lo, cb.p1);
       const int64_t w0 = conv_input_coord(0, tap_s, s.stride_w, s.pad_w, s.dilation_w);
-      T* dst = col + row * width;
-      for (int64_t p = b.p0; p < b.p1; ++p, dst += s.Q) {
+      T* dst = col + row * width - cb.p0;  // dst[q] for q in [cb.p0, cb.p1)
+      for (int64_t p = b.p0; p < b.p1; ++p, dst += band_q) {
         const int64_t h = conv_input_coord(p, r, s.stride_h, s.pad_h, s.dilation_h);
         if (h < 0 || h >= s.H) {
-          std::fill(dst, dst + s.Q, T(0));
+          std::fill(dst + cb.p0, dst + cb.p1, T(0));
           continue;
         }
         const T* src = in + (c * s.H + h) * s.W + w0;
-        std::fill(dst, dst + q_lo, T(0));
+        std::fill(dst + cb.p0, dst + q_lo, T(0));
         if (s.stride_w == 1) {
           std::memcpy(dst + q_lo, src + q_lo, (q_hi - q_lo) * sizeof(T));
         } else {
           for (int64_t q = q_lo; q < q_hi; ++q) dst[q] = src[q * s.stride_w];
         }
-        std::fill(dst + q_hi, dst + s.Q, T(0));
+        std::fill(dst + q_hi, dst + cb.p1, T(0));
       }
     }
   });
@@ -258,10 +269,14 @@ struct Tile {
   RowBand band;
 };
 
-std::vector<Tile> plan_tiles(const Conv2dShape& s, bool channels_last, int64_t element_size) {
-  // Column-buffer bytes per output row of one sample, for the widest band (all kernel rows).
+// `columns`: the output columns of each GEMM's row (Q, or the narrowest column band in the 2-D
+// block path).
+std::vector<Tile> plan_tiles(const Conv2dShape& s, bool channels_last, int64_t element_size,
+                             int64_t columns) {
+  // Column-buffer bytes per output row of one sample, for the widest band (all kernel taps).
   const int64_t row_bytes = std::max<int64_t>(1, s.C * s.R * s.S * s.Q * element_size);
-  const int64_t max_rows = std::max<int64_t>(1, kColumnBufferBytes / row_bytes);
+  const int64_t max_rows = std::max({int64_t{1}, kColumnBufferBytes / row_bytes,
+                                     (kMinGemmColumns + columns - 1) / columns});
   std::vector<RowBand> bands = plan_row_bands(s, max_rows);
   std::vector<Tile> tiles;
   if (channels_last && bands.size() == 1 && bands[0].p0 == 0 && bands[0].p1 == s.P) {
@@ -302,7 +317,7 @@ at::Tensor columns_for_tile(const at::Tensor& input, at::Tensor& buffer, const C
   const int64_t width = (t.band.p1 - t.band.p0) * s.Q;
   if (is_pointwise(s)) return input[t.n0].view({s.C, s.H * s.W}).narrow(1, t.band.p0 * s.Q, width);
   at::Tensor col = buffer.narrow(0, 0, s.C * nr * s.S * width).view({s.C * nr * s.S, width});
-  im2col_nchw(input[t.n0].const_data_ptr<T>(), col.data_ptr<T>(), s, t.band);
+  im2col_nchw(input[t.n0].const_data_ptr<T>(), col.data_ptr<T>(), s, t.band, all_columns(s));
   return col;
 }
 
@@ -338,20 +353,21 @@ class PackedWeights {
  public:
   PackedWeights(const at::Tensor& weight, const Conv2dShape& s, bool channels_last)
       : weight_(weight), s_(s), channels_last_(channels_last) {}
-  const at::Tensor& get(const RowBand& b) {
-    auto key = std::make_pair(b.r_lo, b.r_hi);
+  const at::Tensor& get(const RowBand& b, const RowBand& cb) {
+    auto key = std::make_tuple(b.r_lo, b.r_hi, cb.r_lo, cb.r_hi);
     auto it = packed_.find(key);
     if (it == packed_.end()) {
-      it = packed_.emplace(key, pack_weight(weight_, s_, b.r_lo, b.r_hi, channels_last_)).first;
+      it = packed_.emplace(key, pack_weight(weight_, s_, b.r_lo, b.r_hi, cb.r_lo, cb.r_hi, channels_last_)).first;
     }
     return it->second;
   }
+  const at::Tensor& get(const RowBand& b) { return get(b, all_columns(s_)); }
 
  private:
   at::Tensor weight_;
   Conv2dShape s_;
   bool channels_last_;
-  std::map<std::pair<int64_t, int64_t>, at::Tensor> packed_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t>, at::Tensor> packed_;
 };
 
 void fill_bias(at::Tensor& out, const std::optional<at::Tensor>& bias) {
@@ -362,10 +378,66 @@ void fill_bias(at::Tensor& out, const std::optional<at::Tensor>& bias) {
   }
 }
 
+// The problem with rows and columns exchanged: its row bands are the column bands of `s`.
+Conv2dShape transposed(const Conv2dShape& s) {
+  Conv2dShape t = s;
+  std::swap(t.H, t.W);
+  std::swap(t.R, t.S);
+  std::swap(t.P, t.Q);
+  std::swap(t.stride_h, t.stride_w);
+  std::swap(t.pad_h, t.pad_w);
+  std::swap(t.dilation_h, t.dilation_w);
+  return t;
+}
+
+// NCHW forward in 2-D blocks (row band x column band), for convolutions whose border columns also
+// read mostly padding (DeepLab's ASPP): each block's GEMM has only the taps that read the input.
+// A block's output is not one matrix in NCHW, so its GEMM goes to a scratch tile that is then
+// added to the output (which holds the bias).
+template <typename T>
+void conv2d_im2col_forward_blocks(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out,
+                                  const Conv2dShape& s, const std::vector<RowBand>& column_bands) {
+  int64_t narrowest = s.Q;
+  for (const RowBand& cb : column_bands) {
+    if (cb.r_lo < cb.r_hi) narrowest = std::min(narrowest, cb.p1 - cb.p0);
+  }
+  const std::vector<Tile> tiles = plan_tiles(s, /*channels_last=*/false, sizeof(T), narrowest);
+  at::Tensor buffer = column_buffer(input, s, tiles);
+  PackedWeights packed(weight, s, /*channels_last=*/false);
+  const int64_t kg = s.outputs_per_group();
+  for (const Tile& t : tiles) {
+    if (t.band.r_lo == t.band.r_hi) continue;
+    const int64_t rows = t.band.p1 - t.band.p0;
+    for (const RowBand& cb : column_bands) {
+      if (cb.r_lo == cb.r_hi) continue;
+      const int64_t band_q = cb.p1 - cb.p0, depth = s.C * (t.band.r_hi - t.band.r_lo) * (cb.r_hi - cb.r_lo);
+      at::Tensor col = buffer.narrow(0, 0, depth * rows * band_q).view({depth, rows * band_q});
+      im2col_nchw(input[t.n0].const_data_ptr<T>(), col.data_ptr<T>(), s, t.band, cb);
+      const at::Tensor& w = packed.get(t.band, cb);
+      at::Tensor block = out[t.n0].narrow(1, t.band.p0, rows).narrow(2, cb.p0, band_q);
+      for (int64_t g = 0; g < s.groups; ++g) {
+        at::Tensor scratch = at::mm(w[g], column_block(col, s, g, false));
+        block.narrow(0, g * kg, kg).add_(scratch.view({kg, rows, band_q}));
+      }
+    }
+  }
+}
+
 template <typename T>
 void conv2d_im2col_forward(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out,
                            const Conv2dShape& s, bool channels_last) {
-  const std::vector<Tile> tiles = plan_tiles(s, channels_last, sizeof(T));
+  if (!channels_last) {
+    const std::vector<RowBand> column_bands = plan_row_bands(transposed(s), s.Q);
+    int64_t column_taps = 0;  // kernel columns summed over output columns, padding skipped
+    for (const RowBand& cb : column_bands) column_taps += (cb.p1 - cb.p0) * (cb.r_hi - cb.r_lo);
+    // The blocks' scratch tiles and narrower GEMMs cost more than they save unless they skip
+    // at least a third of the work (measured: ASPP at dilation 36 gains, at 12 loses).
+    if (3 * column_taps <= 2 * s.Q * s.S) {
+      conv2d_im2col_forward_blocks<T>(input, weight, out, s, column_bands);
+      return;
+    }
+  }
+  const std::vector<Tile> tiles = plan_tiles(s, channels_last, sizeof(T), s.Q);
   at::Tensor buffer = column_buffer(input, s, tiles);
   PackedWeights packed(weight, s, channels_last);
   for (const Tile& t : tiles) {
@@ -388,7 +460,7 @@ template <typename T>
 void conv2d_im2col_backward(const at::Tensor& grad_out, const at::Tensor& input,
                             const at::Tensor& weight, at::Tensor& grad_in, at::Tensor& grad_w,
                             const Conv2dShape& s, bool channels_last) {
-  const std::vector<Tile> tiles = plan_tiles(s, channels_last, sizeof(T));
+  const std::vector<Tile> tiles = plan_tiles(s, channels_last, sizeof(T), s.Q);
   at::Tensor buffer = column_buffer(input, s, tiles);
   PackedWeights packed(weight, s, channels_last);
   std::map<std::pair<int64_t, int64_t>, at::Tensor> packed_grads;
@@ -784,6 +856,18 @@ void conv2d_grad_bias(const at::Tensor& grad_out, at::Tensor& grad_bias, const C
   });
 }
 
+// The memory format im2col computes in. NCHW gives one GEMM per sample with P*Q columns, which
+// is too thin for the BLAS when the image is small (ResNet's 14x14 and 7x7 stages) and the batch
+// is not one; NHWC puts the whole batch's pixels in one GEMM. Converting the input and output is
+// cheap next to those GEMMs.
+at::MemoryFormat im2col_work_format(const Conv2dShape& s, at::MemoryFormat fmt) {
+  constexpr int64_t kThinGemmColumns = 1024;
+  if (fmt == at::MemoryFormat::Contiguous && s.N > 1 && s.P * s.Q < kThinGemmColumns) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return fmt;
+}
+
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "conv2d (cpu backend): ", name, " must be a CPU tensor, got ",
               t.device());
@@ -805,9 +889,12 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_cpu", [&] {
     if (algo == "im2col") {
-      const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
-      fill_bias(out, bias);  // the GEMMs accumulate onto it
-      conv2d_im2col_forward<scalar_t>(input.contiguous(fmt), weight.contiguous(), out, s, channels_last);
+      const at::MemoryFormat work = im2col_work_format(s, fmt);
+      at::Tensor result = work == fmt ? out : at::empty_like(out, out.options().memory_format(work));
+      fill_bias(result, bias);  // the GEMMs accumulate onto it
+      conv2d_im2col_forward<scalar_t>(input.contiguous(work), weight.contiguous(), result, s,
+                                      work == at::MemoryFormat::ChannelsLast);
+      if (!result.is_same(out)) out.copy_(result);
     } else {
       at::Tensor out_nchw = out.contiguous();
       conv2d_direct_forward<scalar_t>(input.contiguous(), weight.contiguous(), bias, out_nchw, s);
@@ -828,7 +915,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   check_conv2d_grad_output(grad_output, input, s);
   check_conv2d_algo(algo, {"direct", "im2col"}, "cpu");
   const at::MemoryFormat fmt = conv2d_memory_format(input);
-  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   at::Tensor grad_in = output_mask[0] ? at::zeros_like(input, input.options().memory_format(fmt))
                                       : at::empty({0}, input.options());
   at::Tensor grad_w = output_mask[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
@@ -838,14 +924,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_backward_cpu", [&] {
     if (algo == "im2col") {
-      const at::Tensor go = grad_output.contiguous(fmt);
-      at::Tensor gi = output_mask[0] ? grad_in : at::Tensor();
+      const at::MemoryFormat work = im2col_work_format(s, fmt);
+      const bool work_channels_last = work == at::MemoryFormat::ChannelsLast;
+      const at::Tensor go = grad_output.contiguous(work);
+      at::Tensor gi;
+      if (output_mask[0]) {
+        gi = work == fmt ? grad_in : at::zeros_like(grad_in, grad_in.options().memory_format(work));
+      }
       at::Tensor gw = output_mask[1] ? grad_w : at::Tensor();
       if (gi.defined() || gw.defined()) {
-        conv2d_im2col_backward<scalar_t>(go, input.contiguous(fmt), weight.contiguous(), gi, gw, s,
-                                         channels_last);
+        conv2d_im2col_backward<scalar_t>(go, input.contiguous(work), weight.contiguous(), gi, gw, s,
+                                         work_channels_last);
       }
-      if (output_mask[2]) conv2d_grad_bias<scalar_t>(go, grad_b, s, channels_last);
+      if (gi.defined() && !gi.is_same(grad_in)) grad_in.copy_(gi);
+      if (output_mask[2]) conv2d_grad_bias<scalar_t>(go, grad_b, s, work_channels_last);
     } else {
       const at::Tensor go = grad_output.contiguous();
       if (output_mask[0]) {

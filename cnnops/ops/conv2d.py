@@ -120,22 +120,12 @@ def _same_padding(input, weight, stride, dilation):
     return input, before
 
 
-def choose_algo(backend, input_shape, weight_shape, stride, dilation, groups):
-    """The algorithm algo="auto" runs.
-
-    Grouped convolutions have too few channels per group for a GEMM to pay for im2col's column
-    buffer (R*S times the input, written and read back); the direct kernel reads the input once.
-    Dense convolutions are GEMM-shaped: im2col hands them to the BLAS.
-    (Measured with bench/: see bench/results/ for the figures behind this rule.)
-    """
-    return "direct" if groups > 1 else "im2col"
-
-
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algo="auto",
            backend=None):
     """2-D convolution with the signature of torch.nn.functional.conv2d.
 
     algo: "auto", "direct" or "im2col" ("implicit_gemm" and "depthwise" where a backend has them).
+        "auto" lets the backend choose, separately for the forward and the backward pass.
     backend: None (see cnnops.use_backend), "cpu", "cuda" or "triton".
     An explicit algo or backend that cannot serve the call raises.
     """
@@ -158,11 +148,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     conv2d_output_shape(input.shape, weight.shape, stride, padding, dilation, groups)
 
     backend = resolve_backend("conv2d", input.device, backend)
-    if algo == "auto":
-        algo = choose_algo(backend, input.shape, weight.shape, stride, dilation, groups)
-    elif algo not in ALGOS:
+    if algo != "auto" and algo not in ALGOS:
         raise ValueError(f"conv2d: unknown algo {algo!r}; expected 'auto' or one of {ALGOS}")
-    if algo not in BACKEND_ALGOS[backend]:
+    # "auto" goes to the kernels, which pick per pass: the best forward and the best backward
+    # algorithm for a shape can differ (csrc/ops/cpu/conv2d_kernel.cpp: conv2d_cpu).
+    if algo != "auto" and algo not in BACKEND_ALGOS[backend]:
         raise ValueError(
             f"conv2d: algo {algo!r} is not available on the {backend} backend "
             f"(it has: {', '.join(BACKEND_ALGOS[backend])})"

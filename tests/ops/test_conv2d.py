@@ -9,10 +9,13 @@ from tolerance import assert_close_to_reference
 import cnnops
 
 CPU_ALGOS = ["direct", "im2col"]
+# "auto" is passed to the kernels, which choose per pass (direct forward, im2col backward for
+# grouped convolutions): test it like an algorithm of its own.
+ALGOS_AND_AUTO = [*CPU_ALGOS, "auto"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("algo", CPU_ALGOS)
+@pytest.mark.parametrize("algo", ALGOS_AND_AUTO)
 @pytest.mark.parametrize("spec", CASES)
 def test_forward_and_gradients_match_torch(spec, algo, layout):
     x, w, b = make_problem(spec, torch.float32, layout)
@@ -89,7 +92,7 @@ def test_auto_algo_and_positional_signature():
     torch.testing.assert_close(cnnops.conv2d(x, w, b, [1], (1, 1)), F.conv2d(x, w, b, [1], (1, 1)))
 
 
-@pytest.mark.parametrize("algo", CPU_ALGOS)
+@pytest.mark.parametrize("algo", ALGOS_AND_AUTO)
 def test_opcheck(algo):
     x, w, b = make_problem(CASES[13].values[0], torch.float32)
     x.requires_grad_()

@@ -4,8 +4,10 @@
 // the column matrix is built here. The output rows are split into *row bands*: within a band the
 // same contiguous range of kernel rows [r_lo, r_hi) reads inside the input, and only those taps
 // are put in the column matrix. With large dilation and padding (DeepLab's ASPP at dilation 36)
-// most taps of the border rows read padding, and skipping them removes up to a third of the FLOPs.
-// Bands are also capped in size so the column buffer stays bounded.
+// most taps of the border rows read padding, and skipping them removes up to a third of the FLOPs;
+// where the border columns also skip much, the NCHW forward splits columns the same way (2-D
+// blocks). Bands are capped in size so the column buffer stays bounded. Small NCHW images in a
+// batch are computed in NHWC, where the whole batch is one GEMM (im2col_work_format).
 //
 // direct needs no column buffer: the forward pass reads a padded polyphase copy of the input in
 // register tiles (see conv2d_direct_forward); the backward passes loop over output planes with the
@@ -883,12 +885,16 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   check_cpu(weight, "weight");
   const Conv2dShape s = conv2d_shape(input, weight, stride, padding, dilation, groups);
   check_conv2d_bias(bias, input, s);
-  check_conv2d_algo(algo, {"direct", "im2col"}, "cpu");
+  check_conv2d_algo(algo, {"auto", "direct", "im2col"}, "cpu");
+  // algo="auto": a grouped convolution has too few channels per group for a GEMM to pay for
+  // im2col's column buffer (R*S times the input, written and read back), so it runs direct, which
+  // reads the input once. Dense convolutions are GEMM-shaped and go to the BLAS through im2col.
+  const bool use_im2col = algo == "im2col" || (algo == "auto" && s.groups == 1);
   const at::MemoryFormat fmt = conv2d_memory_format(input);
   at::Tensor out = at::empty({s.N, s.K, s.P, s.Q}, input.options().memory_format(fmt));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_cpu", [&] {
-    if (algo == "im2col") {
+    if (use_im2col) {
       const at::MemoryFormat work = im2col_work_format(s, fmt);
       at::Tensor result = work == fmt ? out : at::empty_like(out, out.options().memory_format(work));
       fill_bias(result, bias);  // the GEMMs accumulate onto it
@@ -913,7 +919,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   check_cpu(grad_output, "grad_output");
   const Conv2dShape s = conv2d_shape(input, weight, stride, padding, dilation, groups);
   check_conv2d_grad_output(grad_output, input, s);
-  check_conv2d_algo(algo, {"direct", "im2col"}, "cpu");
+  check_conv2d_algo(algo, {"auto", "direct", "im2col"}, "cpu");
+  // algo="auto" runs im2col for the backward pass whatever the forward ran: the direct backward
+  // loops have no register tiling, and im2col's GEMMs are faster for grouped layers too.
+  const bool use_im2col = algo != "direct";
   const at::MemoryFormat fmt = conv2d_memory_format(input);
   at::Tensor grad_in = output_mask[0] ? at::zeros_like(input, input.options().memory_format(fmt))
                                       : at::empty({0}, input.options());
@@ -923,7 +932,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   if (s.N == 0) return {grad_in, grad_w, grad_b};
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_backward_cpu", [&] {
-    if (algo == "im2col") {
+    if (use_im2col) {
       const at::MemoryFormat work = im2col_work_format(s, fmt);
       const bool work_channels_last = work == at::MemoryFormat::ChannelsLast;
       const at::Tensor go = grad_output.contiguous(work);

@@ -1,6 +1,6 @@
 // CUDA kernels for cnnops::conv2d and cnnops::_conv2d_backward.
 //
-// Two algorithms, selected by the op's `algo` argument:
+// Two algorithms, selected by the op's `algo` argument ("auto" runs im2col):
 //   direct  - every output (or gradient) element is computed by its own loop over the taps that
 //             touch it. No scratch memory, deterministic, and the natural choice for depthwise and
 //             small problems.
@@ -778,7 +778,9 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
                        c10::string_view algo) {
   const Conv2dShape cs = conv2d_shape(input, weight, stride, padding, dilation, groups);
   check_conv2d_bias(bias, input, cs);
-  check_conv2d_algo(algo, {"direct", "im2col"}, "cuda");
+  check_conv2d_algo(algo, {"auto", "direct", "im2col"}, "cuda");
+  // algo="auto" runs im2col here: its GEMMs go to cuBLAS. (To be tuned in the GPU lane.)
+  const bool use_im2col = algo != "direct";
   check_cuda_tensor(input, "input", input);
   check_cuda_tensor(weight, "weight", input);
   const bool has_bias = bias.has_value() && bias->defined();
@@ -795,7 +797,7 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_conv2d_cuda", [&] {
-        if (algo == "im2col") {
+        if (use_im2col) {
           im2col_forward<scalar_t>(input, weight, bias_c, output, cs, channels_last, stream);
         } else {
           direct_forward<scalar_t>(input, weight, bias_c, output, cs, channels_last, stream);
@@ -810,7 +812,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     c10::string_view algo, std::array<bool, 3> output_mask) {
   const Conv2dShape cs = conv2d_shape(input, weight, stride, padding, dilation, groups);
   check_conv2d_grad_output(grad_output, input, cs);
-  check_conv2d_algo(algo, {"direct", "im2col"}, "cuda");
+  check_conv2d_algo(algo, {"auto", "direct", "im2col"}, "cuda");
+  // algo="auto" runs im2col here: its GEMMs go to cuBLAS. (To be tuned in the GPU lane.)
+  const bool use_im2col = algo != "direct";
   check_cuda_tensor(input, "input", input);
   check_cuda_tensor(weight, "weight", input);
   check_cuda_tensor(grad_output, "grad_output", input);
@@ -836,7 +840,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
           grad_bias_t = at::empty({cs.K}, input.options());
           grad_bias<scalar_t>(grad_output, grad_bias_t, cs, stream);
         }
-        if (algo == "im2col") {
+        if (use_im2col) {
           if (output_mask[0] || output_mask[1]) {
             grad_weight = im2col_backward<scalar_t>(grad_output, input, weight, grad_input,
                                                     output_mask[1], cs, stream);

@@ -863,7 +863,7 @@ void conv2d_grad_bias(const at::Tensor& grad_out, at::Tensor& grad_bias, const C
 // is not one; NHWC puts the whole batch's pixels in one GEMM. Converting the input and output is
 // cheap next to those GEMMs.
 at::MemoryFormat im2col_work_format(const Conv2dShape& s, at::MemoryFormat fmt) {
-  constexpr int64_t kThinGemmColumns = 1024;
+  constexpr int64_t kThinGemmColumns = 256;  // measured: 28x28 (784) is faster per sample in NCHW
   if (fmt == at::MemoryFormat::Contiguous && s.N > 1 && s.P * s.Q < kThinGemmColumns) {
     return at::MemoryFormat::ChannelsLast;
   }

@@ -541,7 +541,6 @@ struct DirectPlan {
   int64_t Hph, Wph;   // one phase; rows allocated per phase: Hph + slack_rows
   int64_t phase_rows;
   int64_t channel_stride;  // elements per (sample, channel): stride_h * stride_w phases
-  int64_t wide_len;        // P * Wph rounded up to a whole number of register tiles
 };
 
 // Output values per register-tile row: 64 (four 16-float vectors) with AVX-512's 32 vector
@@ -554,7 +553,6 @@ DirectPlan plan_direct(const Conv2dShape& s) {
   d.Wp = s.W + 2 * s.pad_w;
   d.Hph = (d.Hp + s.stride_h - 1) / s.stride_h;
   d.Wph = (d.Wp + s.stride_w - 1) / s.stride_w;
-  d.wide_len = (s.P * d.Wph + kMaxJB - 1) / kMaxJB * kMaxJB;
   // Tiles run past the last output row by up to kMaxJB values, and a tap adds up to one more
   // row: zero rows of slack keep those reads inside the buffer.
   d.phase_rows = d.Hph + (kMaxJB + d.Wph - 1) / d.Wph + 1;
@@ -657,7 +655,7 @@ __attribute__((always_inline)) inline void direct_forward_tasks(const DirectTask
       const T* w = static_cast<const T*>(a.weight) + k0 * taps;
       const T* bias = a.bias ? static_cast<const T*>(a.bias) + k0 : nullptr;
       T* out = static_cast<T*>(a.out) + (n * s.K + k0) * s.P * s.Q;
-      for (int64_t j0 = 0; j0 < d.wide_len; j0 += kJB) {
+      for (int64_t j0 = 0; j0 < s.P * d.Wph; j0 += kJB) {
         direct_tile<T, kKB, kJB>(phases.data(), a.tap_offsets, w, taps, j0, bias, tile);
         // Copy the tile's wide positions j = p * Wph + q back to output rows, one run per output
         // row it touches, dropping the columns q >= Q.
@@ -683,7 +681,7 @@ __attribute__((always_inline)) inline void direct_forward_tasks(const DirectTask
 template <int kKB>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) void direct_forward_tasks_avx512(
     const DirectTasks& a, int64_t begin, int64_t end) {
-  // 32 zmm registers: kKB x kJB accumulators of 16 floats must leave room for the inputs.
+  // 32 zmm registers: kKB x kJB / 16 accumulators must leave room for the inputs.
   direct_forward_tasks<float, kKB, (kKB >= 8 ? 32 : 64)>(a, begin, end);
 }
 template <int kKB>

@@ -1,1 +1,1 @@
-"""cnnops benchmarks: one bench_<op>.py per op on the shared harness; `python -m bench` runs them."""
+"""cnnops benchmarks: bench_<op>.py files on one harness; `python -m bench` runs them."""

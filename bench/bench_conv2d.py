@@ -44,12 +44,16 @@ PROVIDERS = (
     Conv2dProvider("cpu-im2col", "cpu", "im2col"),
     Conv2dProvider("cpu-auto", "cpu", "auto"),
     Conv2dProvider("torch", None, device_type="cuda"),
-    Conv2dProvider("torch-nhwc", None, device_type="cuda", channels_last=True),  # cuDNN's NHWC kernels
+    Conv2dProvider(
+        "torch-nhwc", None, device_type="cuda", channels_last=True
+    ),  # cuDNN's NHWC kernels
     Conv2dProvider("cuda-direct", "cuda", "direct", device_type="cuda"),
     Conv2dProvider("cuda-im2col", "cuda", "im2col", device_type="cuda"),
     Conv2dProvider("cuda-auto", "cuda", "auto", device_type="cuda"),
     Conv2dProvider("triton-implicit_gemm", "triton", "implicit_gemm", device_type="cuda"),
-    Conv2dProvider("triton-depthwise", "triton", "depthwise", device_type="cuda", depthwise_only=True),
+    Conv2dProvider(
+        "triton-depthwise", "triton", "depthwise", device_type="cuda", depthwise_only=True
+    ),
     Conv2dProvider("triton-auto", "triton", "auto", device_type="cuda"),
 )
 
@@ -60,7 +64,9 @@ PROBE_DEPTHWISE = ConvLayer("probe", 4, 4, 3, 1, 1, 1, 4, 6)
 
 
 def output_size(layer):
-    return (layer.size + 2 * layer.padding - layer.dilation * (layer.kernel - 1) - 1) // layer.stride + 1
+    return (
+        layer.size + 2 * layer.padding - layer.dilation * (layer.kernel - 1) - 1
+    ) // layer.stride + 1
 
 
 def reduction_length(layer):
@@ -77,7 +83,7 @@ def is_depthwise(layer):
 
 
 def conv_call(spec, layer):
-    """The provider's function of (input, weight): F.conv2d or cnnops.conv2d with its backend and algo."""
+    """The provider's function of (x, w): F.conv2d, or cnnops.conv2d with backend and algo."""
     conv_args = (None, layer.stride, layer.padding, layer.dilation, layer.groups)
     if spec.backend is None:
         return lambda x, w: F.conv2d(x, w, *conv_args)
@@ -93,7 +99,9 @@ def probe(spec, device):
         return f"backend {spec.backend!r} not available"
     layer = PROBE_DEPTHWISE if spec.depthwise_only else PROBE_DENSE
     x = torch.randn(1, layer.c_in, layer.size, layer.size, device=device)
-    w = torch.randn(layer.c_out, layer.c_in // layer.groups, layer.kernel, layer.kernel, device=device)
+    w = torch.randn(
+        layer.c_out, layer.c_in // layer.groups, layer.kernel, layer.kernel, device=device
+    )
     try:
         conv_call(spec, layer)(x, w)
     except (RuntimeError, ValueError, NotImplementedError) as exc:
@@ -137,15 +145,35 @@ def make_case(set_name, layer, batch, dtype, device, specs, channels_last):
         return F.conv2d(x, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
 
     providers = tuple(
-        Provider(spec.name, conv_call(spec, layer), _to_channels_last if spec.channels_last else None)
+        Provider(
+            spec.name, conv_call(spec, layer), _to_channels_last if spec.channels_last else None
+        )
         for spec in specs
-        if (spec.sets is None or set_name in spec.sets) and (not spec.depthwise_only or is_depthwise(layer))
+        if (spec.sets is None or set_name in spec.sets)
+        and (not spec.depthwise_only or is_depthwise(layer))
     )
     return Case(
-        op=OP, set_name=set_name, layer=layer.name, batch=n,
-        shape=dict(N=n, C=c, H=h, W=h, K=k, R=r, S=r, stride=layer.stride, pad=layer.padding,
-                   dil=layer.dilation, groups=layer.groups),
-        dtype=dtype, device=device, make_args=make_args, expected=expected,
+        op=OP,
+        set_name=set_name,
+        layer=layer.name,
+        batch=n,
+        shape=dict(
+            N=n,
+            C=c,
+            H=h,
+            W=h,
+            K=k,
+            R=r,
+            S=r,
+            stride=layer.stride,
+            pad=layer.padding,
+            dil=layer.dilation,
+            groups=layer.groups,
+        ),
+        dtype=dtype,
+        device=device,
+        make_args=make_args,
+        expected=expected,
         error=partial(conv_error, reduction_length=reduction, device=device),
         providers=providers,
         flops=conv_flops(layer, n),
@@ -154,16 +182,18 @@ def make_case(set_name, layer, batch, dtype, device, specs, channels_last):
 
 
 def conv_error(actual, expected, reduction_length, device):
-    """(max abs error, tolerance), the tolerance as in tests/tolerance.py: float32 rounding error
-    grows like sqrt(reduction) * eps; 16x that never flakes, and one wrong term (O(1)) still fails."""
+    """(max abs error, tolerance), the tolerance as in tests/tolerance.py: float32 rounding
+    error grows like sqrt(reduction) * eps; 16x that never flakes, one wrong term (O(1)) fails."""
     eps = torch.finfo(actual.dtype).eps
     if actual.dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
-        eps = 2.0 ** -10  # TF32 keeps a 10-bit mantissa
+        eps = 2.0**-10  # TF32 keeps a 10-bit mantissa
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     return close_error(actual, expected, 16 * eps * math.sqrt(max(1, reduction_length)) * scale)
 
 
-def build_cases(device, *, sets=None, batches=None, quick=False, channels_last=False, stream=sys.stderr):
+def build_cases(
+    device, *, sets=None, batches=None, quick=False, channels_last=False, stream=sys.stderr
+):
     """(the conv2d cases for `device`, notes for the results header).
 
     quick: batch 1 and the cheapest layer of each set, a smoke test of every path.
@@ -183,6 +213,15 @@ def build_cases(device, *, sets=None, batches=None, quick=False, channels_last=F
         for dtype_name in DTYPES_BY_DEVICE[device.type]:
             for batch in batches:
                 for layer in layers:
-                    cases.append(make_case(set_name, layer, batch, getattr(torch, dtype_name), device,
-                                           specs, channels_last))
+                    cases.append(
+                        make_case(
+                            set_name,
+                            layer,
+                            batch,
+                            getattr(torch, dtype_name),
+                            device,
+                            specs,
+                            channels_last,
+                        )
+                    )
     return cases, notes

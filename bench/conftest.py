@@ -1,4 +1,4 @@
-"""Makes `pytest bench/` import the `bench` package from this checkout whatever the working directory."""
+"""Lets `pytest bench/` import the `bench` package of this checkout from any working directory."""
 
 import sys
 from pathlib import Path

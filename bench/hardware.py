@@ -45,7 +45,7 @@ def device_name(device):
 
 
 def device_slug(name):
-    """A file-name-safe form of a device name: 'Intel(R) Xeon(R) Processor' -> 'intel-xeon-processor'."""
+    """A file-name-safe device name: 'Intel(R) Xeon(R) Processor' -> 'intel-xeon-processor'."""
     name = re.sub(r"\((r|tm)\)", "", name.lower())
     name = re.sub(r"\bcpu @ .*", "", name)  # the clock is noise in a file name
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown-device"
@@ -76,10 +76,12 @@ def math_mode(dtype):
 
 
 def roofline_percent(seconds, flops, min_bytes, peak, dtype):
-    """Achieved share of the roofline: the time the compute or memory bound allows over the time taken."""
+    """Percent of roofline: the time the compute or memory bound allows over the time taken."""
     mode = math_mode(dtype)
     if peak is None or mode not in peak.flops or not seconds:
         return None
-    bound_s = max(flops / peak.flops[mode] if flops else 0.0,
-                  min_bytes / peak.bytes_per_s if min_bytes else 0.0)
+    bound_s = max(
+        flops / peak.flops[mode] if flops else 0.0,
+        min_bytes / peak.bytes_per_s if min_bytes else 0.0,
+    )
     return 100.0 * bound_s / seconds if bound_s else None

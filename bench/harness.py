@@ -21,8 +21,9 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -78,9 +79,26 @@ class TimingPlan:
 QUICK_PLAN = TimingPlan(budget_s=0.05, min_samples=3, max_samples=10, warmup_s=0.01)
 
 COLUMNS = (
-    "op", "set", "layer", "batch", "shape", "dtype", "device", "provider",
-    "median_ms", "p20_ms", "p80_ms", "gflops", "gbps", "speedup", "roofline_pct",
-    "max_err", "tolerance", "correct", "samples", "others_cpu_pct",
+    "op",
+    "set",
+    "layer",
+    "batch",
+    "shape",
+    "dtype",
+    "device",
+    "provider",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "gflops",
+    "gbps",
+    "speedup",
+    "roofline_pct",
+    "max_err",
+    "tolerance",
+    "correct",
+    "samples",
+    "others_cpu_pct",
 )
 
 
@@ -103,7 +121,11 @@ class OtherProcessesCpuMeter:
         except (OSError, ValueError):
             return None
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        return sum(ticks), ticks[3] + ticks[4], usage.ru_utime + usage.ru_stime  # total, idle+iowait, ours
+        return (
+            sum(ticks),
+            ticks[3] + ticks[4],
+            usage.ru_utime + usage.ru_stime,
+        )  # total, idle+iowait, ours
 
     def percent(self):
         end = self._read()
@@ -122,7 +144,8 @@ def synchronize(device):
 
 
 def synchronized(fn, device):
-    """fn, followed by a device synchronisation: for timers that only see the host (pytest-benchmark)."""
+    """fn followed by a device synchronisation, for timers that only see the host."""
+
     def call(*args):
         out = fn(*args)
         synchronize(device)
@@ -158,7 +181,7 @@ def close_error(actual, expected, tolerance):
 def _check(case, provider_args, expected):
     """First call of every provider: warm-up, per-call time, and error against the ground truth."""
     first_call_s, errors, failures = {}, {}, {}
-    for provider, args in zip(case.providers, provider_args):
+    for provider, args in zip(case.providers, provider_args, strict=True):
         try:
             begin = time.perf_counter()
             out = provider.fn(*args)
@@ -172,12 +195,14 @@ def _check(case, provider_args, expected):
 
 
 def _estimate_call_s(provider, args, first_call_s, plan, device):
-    """Warm up and return the time of one call. A call slower than the warm-up budget is already warm."""
+    """Warms up; returns the time of one call. A call much slower than warmup_s is warm already."""
     if first_call_s >= 4 * plan.warmup_s:
         return first_call_s
     per_call = time_calls(provider.fn, args, 1, device)
     if per_call < plan.warmup_s:
-        per_call = time_calls(provider.fn, args, math.ceil(plan.warmup_s / max(per_call, 1e-7)), device)
+        per_call = time_calls(
+            provider.fn, args, math.ceil(plan.warmup_s / max(per_call, 1e-7)), device
+        )
     return per_call
 
 
@@ -190,13 +215,22 @@ def run_case(case, plan):
     first_call_s, errors, failures = _check(case, provider_args, expected)
     del expected
 
-    live = [(p, a) for p, a in zip(case.providers, provider_args) if p.name not in failures]
+    live = [
+        (p, a) for p, a in zip(case.providers, provider_args, strict=True) if p.name not in failures
+    ]
     repeats, samples = {}, {p.name: [] for p, _ in live}
     if live:
-        per_call = {p.name: _estimate_call_s(p, a, first_call_s[p.name], plan, case.device) for p, a in live}
-        repeats = {name: max(1, math.ceil(plan.min_sample_s / max(t, 1e-9))) for name, t in per_call.items()}
+        per_call = {
+            p.name: _estimate_call_s(p, a, first_call_s[p.name], plan, case.device) for p, a in live
+        }
+        repeats = {
+            name: max(1, math.ceil(plan.min_sample_s / max(t, 1e-9)))
+            for name, t in per_call.items()
+        }
         round_s = sum(per_call[name] * repeats[name] for name in per_call)
-        rounds = int(min(plan.max_samples, max(plan.min_samples, plan.budget_s // max(round_s, 1e-9))))
+        rounds = int(
+            min(plan.max_samples, max(plan.min_samples, plan.budget_s // max(round_s, 1e-9)))
+        )
         for round_index in range(rounds):
             start = round_index % len(live)
             for provider, provider_arguments in live[start:] + live[:start]:
@@ -218,12 +252,26 @@ def _rows(case, samples, errors, failures):
     rows = []
     for provider in case.providers:
         row = {
-            "op": case.op, "set": case.set_name, "layer": case.layer, "batch": case.batch,
-            "shape": case.shape_text, "dtype": str(case.dtype).replace("torch.", ""),
-            "device": case.device.type, "provider": provider.name,
-            "median_ms": None, "p20_ms": None, "p80_ms": None, "gflops": None, "gbps": None,
-            "speedup": None, "roofline_pct": None, "max_err": None, "tolerance": None,
-            "correct": "error", "samples": 0, "others_cpu_pct": None,
+            "op": case.op,
+            "set": case.set_name,
+            "layer": case.layer,
+            "batch": case.batch,
+            "shape": case.shape_text,
+            "dtype": str(case.dtype).replace("torch.", ""),
+            "device": case.device.type,
+            "provider": provider.name,
+            "median_ms": None,
+            "p20_ms": None,
+            "p80_ms": None,
+            "gflops": None,
+            "gbps": None,
+            "speedup": None,
+            "roofline_pct": None,
+            "max_err": None,
+            "tolerance": None,
+            "correct": "error",
+            "samples": 0,
+            "others_cpu_pct": None,
             "reference": provider.name == reference,  # not a column: lets summaries skip it
         }
         if provider.name in failures:
@@ -240,8 +288,11 @@ def _rows(case, samples, errors, failures):
             gflops=case.flops / seconds / 1e9 if case.flops else None,
             gbps=case.min_bytes / seconds / 1e9 if case.min_bytes else None,
             speedup=reference_median / seconds if reference_median else None,
-            roofline_pct=hardware.roofline_percent(seconds, case.flops, case.min_bytes, peak, case.dtype),
-            max_err=error, tolerance=tolerance,
+            roofline_pct=hardware.roofline_percent(
+                seconds, case.flops, case.min_bytes, peak, case.dtype
+            ),
+            max_err=error,
+            tolerance=tolerance,
             correct="yes" if error <= tolerance else "NO",
             samples=len(samples[provider.name]),
         )
@@ -260,9 +311,15 @@ def progress_line(index, total, case, rows, elapsed_s):
             wrong = "" if row["correct"] == "yes" else " WRONG"
             parts.append(f"{row['provider']} {row['speedup']:.2f}x{wrong}")
     others = rows[0]["others_cpu_pct"] if rows else None
-    busy = f", other processes used {others:.0f}% of the CPU" if others is not None and others >= 10 else ""
-    return (f"[{index}/{total}] {case.set_name} {case.layer} N={case.batch} "
-            f"{str(case.dtype).replace('torch.', '')}: {'; '.join(parts)} ({elapsed_s:.1f} s{busy})")
+    busy = (
+        f", other processes used {others:.0f}% of the CPU"
+        if others is not None and others >= 10
+        else ""
+    )
+    return (
+        f"[{index}/{total}] {case.set_name} {case.layer} N={case.batch} "
+        f"{str(case.dtype).replace('torch.', '')}: {'; '.join(parts)} ({elapsed_s:.1f} s{busy})"
+    )
 
 
 @dataclass
@@ -270,6 +327,8 @@ class SuiteResult:
     rows: list = field(default_factory=list)
     wall_s: float = 0.0
     others_cpu_pct: float | None = None  # over the whole run
+    cases_done: int = 0
+    interrupted: bool = False  # stopped by Ctrl-C / SIGTERM: the rows of the finished cases remain
 
 
 def run_suite(cases, plan, stream=sys.stderr):
@@ -277,14 +336,25 @@ def run_suite(cases, plan, stream=sys.stderr):
     result = SuiteResult()
     meter = OtherProcessesCpuMeter()
     suite_begin = time.perf_counter()
-    for index, case in enumerate(cases, 1):
-        begin = time.perf_counter()
-        rows = run_case(case, plan)
-        result.rows.extend(rows)
-        print(progress_line(index, len(cases), case, rows, time.perf_counter() - begin),
-              file=stream, flush=True)
-        if case.device.type == "cuda":
-            torch.cuda.empty_cache()  # the next case's large buffers should not meet fragmentation
+    try:
+        for index, case in enumerate(cases, 1):
+            begin = time.perf_counter()
+            rows = run_case(case, plan)
+            result.rows.extend(rows)
+            result.cases_done = index
+            print(
+                progress_line(index, len(cases), case, rows, time.perf_counter() - begin),
+                file=stream,
+                flush=True,
+            )
+            if case.device.type == "cuda":
+                # The next case's large buffers should not meet a fragmented cache.
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        result.interrupted = True
+        print(
+            f"interrupted after {result.cases_done} of {len(cases)} cases", file=stream, flush=True
+        )
     result.wall_s = time.perf_counter() - suite_begin
     result.others_cpu_pct = meter.percent()
     return result

@@ -1,4 +1,4 @@
-"""Writing benchmark results: the environment header, the table, the geomean summary, md and csv files."""
+"""Benchmark results: the environment header, the table, the geomean summary, md and csv files."""
 
 import csv
 import datetime
@@ -17,9 +17,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def git_commit():
     """Short HEAD commit, '-dirty' when tracked files differ from it (as `git describe --dirty`)."""
+
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=30, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
@@ -45,7 +47,9 @@ def environment(device, command, notes=()):
         "command": command,
     }
     if device.type == "cpu":
-        env["cpus"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        env["cpus"] = (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        )
         # Another job on a small machine shows here and explains noisy numbers.
         env["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     else:
@@ -53,8 +57,9 @@ def environment(device, command, notes=()):
         env["cudnn.allow_tf32"] = torch.backends.cudnn.allow_tf32
         peak = hardware.peak_for(device)
         env["roofline peaks"] = (
-            "none known for this GPU" if peak is None else
-            ", ".join(f"{k} {v / 1e12:g} TFLOP/s" for k, v in peak.flops.items())
+            "none known for this GPU"
+            if peak is None
+            else ", ".join(f"{k} {v / 1e12:g} TFLOP/s" for k, v in peak.flops.items())
             + f", {peak.bytes_per_s / 1e12:g} TB/s"
         )
     for note in notes:
@@ -73,8 +78,10 @@ def record_machine_load(env, others_cpu_pct):
     env["CPU used by other processes"] = f"{others_cpu_pct:.0f}%"
     if others_cpu_pct < 10:
         return None
-    warning = (f"other processes used {others_cpu_pct:.0f}% of the CPU during the run: timings are "
-               "disturbed (see the others_cpu_pct column per case)")
+    warning = (
+        f"other processes used {others_cpu_pct:.0f}% of the CPU during the run: timings are "
+        "disturbed (see the others_cpu_pct column per case)"
+    )
     env.setdefault("notes", []).append(warning)
     return warning
 
@@ -94,11 +101,18 @@ def summarize(rows):
     summary = []
     for (op, set_name, batch, dtype, provider), group in groups.items():
         speedups = [r["speedup"] for r in group if r["correct"] == "yes" and r["speedup"]]
-        summary.append({
-            "op": op, "set": set_name, "batch": batch, "dtype": dtype, "provider": provider,
-            "cases": len(group), "not correct": len(group) - len(speedups),
-            "geomean speedup": geomean(speedups) if speedups else None,
-        })
+        summary.append(
+            {
+                "op": op,
+                "set": set_name,
+                "batch": batch,
+                "dtype": dtype,
+                "provider": provider,
+                "cases": len(group),
+                "not correct": len(group) - len(speedups),
+                "geomean speedup": geomean(speedups) if speedups else None,
+            }
+        )
     return summary
 
 
@@ -122,7 +136,16 @@ def markdown_table(records, columns):
     return "\n".join(lines)
 
 
-SUMMARY_COLUMNS = ("op", "set", "batch", "dtype", "provider", "cases", "not correct", "geomean speedup")
+SUMMARY_COLUMNS = (
+    "op",
+    "set",
+    "batch",
+    "dtype",
+    "provider",
+    "cases",
+    "not correct",
+    "geomean speedup",
+)
 
 
 def markdown_report(env, rows, wall_s):
@@ -133,14 +156,24 @@ def markdown_report(env, rows, wall_s):
         else:
             header.append(f"- {key}: {value}" if key != "command" else f"- {key}: `{value}`")
     header.append(f"- wall time: {wall_s:.0f} s")
-    errors = [f"- {r['set']} {r['layer']} N={r['batch']} {r['provider']}: {r['error_message']}"
-              for r in rows if r.get("error_message")]
+    errors = [
+        f"- {r['set']} {r['layer']} N={r['batch']} {r['provider']}: {r['error_message']}"
+        for r in rows
+        if r.get("error_message")
+    ]
     body = [
-        "", "Speedup = torch reference median / provider median, timed interleaved in one process. "
-        "`correct`: max abs error against a float64 reference within tolerance.", "",
-        "## Summary (geometric-mean speedup over the correct cases)", "",
-        markdown_table(summarize(rows), SUMMARY_COLUMNS), "",
-        "## All cases", "", markdown_table(rows, COLUMNS), "",
+        "",
+        "Speedup = torch reference median / provider median, timed interleaved in one process. "
+        "`correct`: max abs error against a float64 reference within tolerance.",
+        "",
+        "## Summary (geometric-mean speedup over the correct cases)",
+        "",
+        markdown_table(summarize(rows), SUMMARY_COLUMNS),
+        "",
+        "## All cases",
+        "",
+        markdown_table(rows, COLUMNS),
+        "",
     ]
     if errors:
         body += ["## Errors", "", *errors, ""]
@@ -161,7 +194,7 @@ def write_results(out_dir, stem, env, rows, wall_s):
     md_path.write_text(markdown_report(env, rows, wall_s))
     with open(csv_path, "w", newline="") as f:
         for key, value in env.items():
-            for item in (value if key == "notes" else [value]):
+            for item in value if key == "notes" else [value]:
                 f.write(f"# {key}: {item}\n")
         f.write(f"# wall time: {wall_s:.0f} s\n")
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")

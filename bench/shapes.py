@@ -66,7 +66,8 @@ _RESNEXT50_GROUPED_TABLE = (
     ("layer4.1.conv2", 1024, 7, 1),
 )
 RESNEXT50_GROUPED = tuple(
-    ConvLayer(name, c, c, 3, stride, 1, 1, 32, size) for name, c, size, stride in _RESNEXT50_GROUPED_TABLE
+    ConvLayer(name, c, c, 3, stride, 1, 1, 32, size)
+    for name, c, size, stride in _RESNEXT50_GROUPED_TABLE
 )
 
 # DeepLabV3-ResNet50 at output stride 8 on a 513 x 513 input: the dilated 3x3s run at 65 x 65.
@@ -78,7 +79,7 @@ DEEPLABV3_DILATED = (
     ConvLayer("aspp.d36", 2048, 256, 3, 1, 36, 36, 1, 65),
 )
 
-# Large-kernel depthwise (ConvNeXt 7x7, RepLKNet 31x31) at 56: the reference list's other depthwise shapes.
+# Large-kernel depthwise at 56: ConvNeXt 7x7 and RepLKNet 31x31 (C = 96 to 128 in the reference).
 LARGE_KERNEL_DEPTHWISE = (
     ConvLayer("convnext.stage1.dwconv7x7", 96, 96, 7, 1, 3, 1, 96, 56),
     ConvLayer("replknet.stage1.dwconv31x31", 128, 128, 31, 1, 15, 1, 128, 56),

@@ -1,4 +1,5 @@
-"""The conv2d cases of `python -m bench` as pytest-benchmark tests: `pytest bench/ --benchmark-only`.
+"""The conv2d cases of `python -m bench` as pytest-benchmark tests:
+`pytest bench/ --benchmark-only`.
 
 Same case definitions (bench_conv2d.build_cases), so the two never drift apart; the interleaved
 harness remains the source of the reported ratios.
@@ -22,7 +23,11 @@ PARAMS = [
 @pytest.mark.parametrize(("case", "provider"), PARAMS)
 def test_conv2d(benchmark, case, provider):
     args = provider.arguments(case.make_args())
-    benchmark.extra_info.update(shape=case.shape_text, dtype=str(case.dtype), gflop=case.flops / 1e9)
+    benchmark.extra_info.update(
+        shape=case.shape_text, dtype=str(case.dtype), gflop=case.flops / 1e9
+    )
     out = benchmark(synchronized(provider.fn, DEVICE), *args)
     error, tolerance = case.error(out, case.expected(args))
-    assert error <= tolerance, f"{provider.name}: max abs error {error:.3g} > tolerance {tolerance:.3g}"
+    assert error <= tolerance, (
+        f"{provider.name}: max abs error {error:.3g} > tolerance {tolerance:.3g}"
+    )

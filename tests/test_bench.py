@@ -39,9 +39,13 @@ def test_geomean_of_ratios():
 
 def test_summary_leaves_wrong_rows_and_the_reference_out_of_the_geomean():
     base = {"op": "conv2d", "set": "s", "batch": 1, "dtype": "float32", "provider": "p"}
-    rows = [{**base, "speedup": 2.0, "correct": "yes"}, {**base, "speedup": 8.0, "correct": "yes"},
-            {**base, "speedup": 100.0, "correct": "NO"}, {**base, "speedup": None, "correct": "error"},
-            {**base, "provider": "torch", "speedup": 1.0, "correct": "yes", "reference": True}]
+    rows = [
+        {**base, "speedup": 2.0, "correct": "yes"},
+        {**base, "speedup": 8.0, "correct": "yes"},
+        {**base, "speedup": 100.0, "correct": "NO"},
+        {**base, "speedup": None, "correct": "error"},
+        {**base, "provider": "torch", "speedup": 1.0, "correct": "yes", "reference": True},
+    ]
     (summary,) = summarize(rows)
     assert summary["cases"] == 4 and summary["not correct"] == 2
     assert summary["geomean speedup"] == pytest.approx(4.0)
@@ -62,8 +66,22 @@ def test_a_fast_wrong_provider_is_marked_not_correct():
 
 def test_quick_run_writes_md_and_csv_with_every_row_correct(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--op", "conv2d", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--device",
+            "cpu",
+            "--op",
+            "conv2d",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (csv_path,) = tmp_path.glob("*-quick.csv")

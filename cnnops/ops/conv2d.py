@@ -2,8 +2,8 @@
 
 The kernels are the C++ ops `cnnops::conv2d` and `cnnops::_conv2d_backward` (csrc/ops/), one
 implementation per backend. This module normalises the arguments the way
-torch.nn.functional.conv2d accepts them, checks them, picks the backend and the algorithm, and
-calls the op.
+torch.nn.functional.conv2d accepts them, checks them, picks the backend and calls the op; the
+kernels resolve algo="auto" themselves, separately for the forward and backward pass.
 """
 
 import torch

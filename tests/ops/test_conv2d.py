@@ -149,6 +149,7 @@ BAD_INPUTS = [
     pytest.param(lambda: cnnops.conv2d(_x(), _w(), torch.randn(6).double()), TypeError, "bias dtype", id="bias-dtype"),
     pytest.param(lambda: cnnops.conv2d(_x(), _w(), torch.randn(5)), RuntimeError, "bias must have shape", id="bias-shape"),
     pytest.param(lambda: cnnops.conv2d(_x(), _w(), None, 1, 0, 1, 1, algo="im2col", backend="cuda"), RuntimeError, "backend 'cuda' cannot run", id="backend-device"),
+    pytest.param(lambda: cnnops.conv2d(_x(), _w().to("meta")), ValueError, "weight is on meta but input is on cpu", id="device-mismatch"),
     pytest.param(lambda: cnnops.conv2d(_x(), _w(c=3)), ValueError, "weight.size(1)", id="channels-mismatch"),
     pytest.param(lambda: cnnops.conv2d(_x(), _w(k=5, c=2), groups=2), ValueError, "divide the output channels", id="groups-not-dividing-cout"),
     pytest.param(lambda: cnnops.conv2d(_x(), _w(k=6, c=1), groups=3), ValueError, "divide the input channels", id="groups-not-dividing-cin"),

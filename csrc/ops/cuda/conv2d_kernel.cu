@@ -160,6 +160,29 @@ __device__ __forceinline__ acc_t group_sum(acc_t v, acc_t* smem /* kThreads / 32
 // direct: forward
 // ===================================================================================
 
+// Splits a direct kernel's flat thread index into (sample, channel tile, row, column), with the
+// fastest-moving coordinate matching the tensor layout so that neighbouring threads touch
+// neighbouring addresses: the column for NCHW, the channel tile for channels_last.
+__device__ __forceinline__ void split_thread_index(int64_t idx, int64_t tiles, int64_t rows,
+                                                   int64_t cols, bool channels_last, int64_t& n,
+                                                   int64_t& tile, int64_t& row, int64_t& col) {
+  if (channels_last) {
+    tile = idx % tiles;
+    idx /= tiles;
+    col = idx % cols;
+    idx /= cols;
+    row = idx % rows;
+    n = idx / rows;
+  } else {
+    col = idx % cols;
+    idx /= cols;
+    row = idx % rows;
+    idx /= rows;
+    tile = idx % tiles;
+    n = idx / tiles;
+  }
+}
+
 // One thread per (n, tile of KT output channels of one group, p, q).
 // Tiling: the KT channels share every input load, so each input value read from global memory
 // feeds KT FMAs; the weight loads are warp-uniform (neighbouring threads differ in p/q only) and
@@ -183,22 +206,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t ktiles = cs.groups * tiles_per_group;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(blockDim.x) * gridDim.x) {
-    int64_t t = idx, n, kt, p, q;
-    if (channels_last) {
-      kt = t % ktiles;
-      t /= ktiles;
-      q = t % cs.Q;
-      t /= cs.Q;
-      p = t % cs.P;
-      n = t / cs.P;
-    } else {
-      q = t % cs.Q;
-      t /= cs.Q;
-      p = t % cs.P;
-      t /= cs.P;
-      kt = t % ktiles;
-      n = t / ktiles;
-    }
+    int64_t n, kt, p, q;
+    split_thread_index(idx, ktiles, cs.P, cs.Q, channels_last, n, kt, p, q);
     const int64_t g = kt / tiles_per_group;
     const int64_t k_in_group = (kt - g * tiles_per_group) * KT;
     const int64_t k0 = g * Kg + k_in_group;
@@ -265,22 +274,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t ctiles = cs.groups * tiles_per_group;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(blockDim.x) * gridDim.x) {
-    int64_t t = idx, n, ct, h, w;
-    if (channels_last) {
-      ct = t % ctiles;
-      t /= ctiles;
-      w = t % cs.W;
-      t /= cs.W;
-      h = t % cs.H;
-      n = t / cs.H;
-    } else {
-      w = t % cs.W;
-      t /= cs.W;
-      h = t % cs.H;
-      t /= cs.H;
-      ct = t % ctiles;
-      n = t / ctiles;
-    }
+    int64_t n, ct, h, w;
+    split_thread_index(idx, ctiles, cs.H, cs.W, channels_last, n, ct, h, w);
     const int64_t g = ct / tiles_per_group;
     const int64_t c_in_group = (ct - g * tiles_per_group) * CT;
     const int64_t nc = (Cg - c_in_group) < CT ? (Cg - c_in_group) : CT;

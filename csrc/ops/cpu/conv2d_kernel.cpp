@@ -537,9 +537,8 @@ void conv2d_im2col_backward(const at::Tensor& grad_out, const at::Tensor& input,
 // im2col there: no 9x column buffer goes through memory.
 
 struct DirectPlan {
-  int64_t Hp, Wp;     // padded input
-  int64_t Hph, Wph;   // one phase; rows allocated per phase: Hph + slack_rows
-  int64_t phase_rows;
+  int64_t Hph, Wph;        // rows and columns of one phase of the padded input
+  int64_t phase_rows;      // rows allocated per phase: Hph plus zero slack rows
   int64_t channel_stride;  // elements per (sample, channel): stride_h * stride_w phases
 };
 
@@ -549,10 +548,8 @@ constexpr int64_t kMaxJB = 64;
 
 DirectPlan plan_direct(const Conv2dShape& s) {
   DirectPlan d{};
-  d.Hp = s.H + 2 * s.pad_h;
-  d.Wp = s.W + 2 * s.pad_w;
-  d.Hph = (d.Hp + s.stride_h - 1) / s.stride_h;
-  d.Wph = (d.Wp + s.stride_w - 1) / s.stride_w;
+  d.Hph = (s.H + 2 * s.pad_h + s.stride_h - 1) / s.stride_h;
+  d.Wph = (s.W + 2 * s.pad_w + s.stride_w - 1) / s.stride_w;
   // Tiles run past the last output row by up to kMaxJB values, and a tap adds up to one more
   // row: zero rows of slack keep those reads inside the buffer.
   d.phase_rows = d.Hph + (kMaxJB + d.Wph - 1) / d.Wph + 1;

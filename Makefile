@@ -7,7 +7,7 @@ DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.cnnops-built
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 
-.PHONY: test bench install clean
+.PHONY: test bench install gpu-check clean
 
 test: $(BUILT)
 	$(PY) -m pytest tests
@@ -16,6 +16,10 @@ bench: $(BUILT)
 	$(PY) -m bench
 
 install: $(BUILT)
+
+# The GPU lane: uses the machine's own python3 (torch, triton, pytest preinstalled), no .venv.
+gpu-check:
+	OUT=$(OUT) bench/gpu_check.sh
 
 $(PY):
 	python3 -m venv $(VENV)

@@ -68,9 +68,11 @@ def extension_modules():
         sources += sorted(glob.glob("csrc/ops/cuda/*.cu"))
         define_macros.append(("CNNOPS_WITH_CUDA", None))
         extra["nvcc"] = ["-O3", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
+        include_dirs = [os.path.join(ROOT, "csrc")]
         # Minimal toolkits lack the cuBLAS/cuSPARSE headers that some torch headers include;
-        # torch's nvidia wheels ship them.
-        include_dirs = [os.path.join(ROOT, "csrc")] + nvidia_wheel_includes()
+        # torch's nvidia wheels ship them. A full toolkit's own headers are used as they are.
+        if not os.path.isfile(os.path.join(os.environ["CUDA_HOME"], "include", "cublas_v2.h")):
+            include_dirs += nvidia_wheel_includes()
         ext_class = cpp_extension.CUDAExtension
     else:
         include_dirs = [os.path.join(ROOT, "csrc")]

@@ -6,14 +6,16 @@ call raises; nothing falls back silently.
 """
 
 import contextlib
-import contextvars
 import os
 
 import torch
 
 BACKENDS = ("cpu", "cuda", "triton")
 
-_context_backend = contextvars.ContextVar("cnnops_backend", default=None)
+# The use_backend() blocks now open, innermost last. A plain module global, not a ContextVar:
+# torch.compile (Dynamo, torch 2.11) cannot trace ContextVar.get, but reads and guards globals.
+# So, like torch.backends.cudnn.flags(), the setting is process-wide, not per thread.
+_backend_stack = []
 
 # Backends each op has kernels for. An op module adds itself when its kernels exist.
 _OP_BACKENDS = {"conv2d": ("cpu", "cuda")}
@@ -28,11 +30,11 @@ def _check_name(backend, source):
 @contextlib.contextmanager
 def use_backend(backend):
     """Run the ops inside the block on `backend` ("cpu", "cuda" or "triton") unless a call names one."""
-    token = _context_backend.set(_check_name(backend, "use_backend()"))
+    _backend_stack.append(_check_name(backend, "use_backend()"))
     try:
         yield
     finally:
-        _context_backend.reset(token)
+        _backend_stack.pop()
 
 
 def has_cuda_kernels():
@@ -76,8 +78,8 @@ def resolve_backend(op, device, backend=None):
     """The backend that runs `op` on tensors on `device`; raises if the choice cannot serve it."""
     if backend is not None:
         backend = _check_name(backend, "the backend= argument")
-    elif _context_backend.get() is not None:
-        backend = _context_backend.get()
+    elif _backend_stack:
+        backend = _backend_stack[-1]
     elif os.environ.get("CNNOPS_BACKEND"):
         backend = _check_name(os.environ["CNNOPS_BACKEND"], "the CNNOPS_BACKEND variable")
     else:

@@ -116,6 +116,18 @@ def test_torch_compile_fullgraph():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_torch_compile_sees_use_backend_changes():
+    """A compiled call re-reads use_backend(): a block that names an unusable backend raises."""
+    x, w, b = make_problem(CASES[2].values[0], torch.float32)
+    block = torch.compile(lambda x, w, b: cnnops.conv2d(x, w, b, padding=1), fullgraph=True,
+                          backend="aot_eager")
+    with cnnops.use_backend("cpu"):
+        torch.testing.assert_close(block(x, w, b), F.conv2d(x, w, b, padding=1),
+                                   atol=1e-4, rtol=1e-4)
+    with cnnops.use_backend("cuda"), pytest.raises(Exception, match="backend 'cuda' cannot run"):
+        block(x, w, b)
+
+
 def test_torch_compile_backward():
     x, w, b = make_problem(CASES[2].values[0], torch.float32)
     x.requires_grad_()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# `make gpu-check [OUT=dir]`: the GPU lane, for a machine with a GPU whose Python already has
+# torch, triton and pytest and that may have no network. Builds cnnops for the local GPU with
+# that Python (nothing is downloaded), runs `pytest -m cuda`, then the GPU benchmarks, which
+# write bench/results/<gpu-name>.md|csv. With OUT set, logs and results are copied there too.
+# Every stage runs even if an earlier check failed, so one failure does not hide the others;
+# the exit status is 1 if any stage failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-}
+LOGS=$(mktemp -d)
+status=0
+
+stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND with a time limit, logging to LOGS/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date -u +%T), limit ${limit}s): $*"
+    # SIGTERM at the limit: the benchmark then still writes the cases it finished (-partial).
+    timeout --signal=TERM --kill-after=20 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc"
+    return "$rc"
+}
+
+"$PYTHON" - <<'PY' || exit 1
+import torch
+assert torch.cuda.is_available(), "make gpu-check needs a CUDA GPU"
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")
+PY
+arch=$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+stamp=$(mktemp)
+
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} CNNOPS_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+    stage build "${BUILD_LIMIT:-600}" "$PYTHON" -m pip install --disable-pip-version-check \
+    --no-index --no-build-isolation --no-deps -e . || exit 1
+stage tests "${TESTS_LIMIT:-300}" "$PYTHON" -m pytest -m cuda tests -q -ra || status=1
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+stage bench "${BENCH_LIMIT:-300}" "$PYTHON" -m bench --device cuda ${BENCH_ARGS:-} || status=1
+
+if [ -n "$OUT" ]; then
+    mkdir -p "$OUT"
+    cp "$LOGS"/*.log "$OUT"/
+    find bench/results -type f -newer "$stamp" -exec cp {} "$OUT"/ \;
+fi
+rm -rf "$LOGS" "$stamp"
+exit "$status"

@@ -5,6 +5,8 @@ import torch  # noqa: F401  (the extension links against torch; import it first)
 from cnnops import _ext
 
 _C = _ext.load()
+# Read once: a build's contents never change, and torch.compile cannot trace a call into _C.
+_HAS_CUDA_KERNELS = bool(_C.has_cuda_kernels())
 
 from cnnops import nn  # noqa: E402
 from cnnops.ops._backend import available_backends, use_backend  # noqa: E402
@@ -15,7 +17,7 @@ __version__ = "0.1.0"
 
 def has_cuda_kernels() -> bool:
     """Whether this build contains the CUDA C++ kernels (they need a GPU to run)."""
-    return _C.has_cuda_kernels()
+    return _HAS_CUDA_KERNELS
 
 
 __all__ = [

@@ -48,3 +48,21 @@ def test_use_backend_context_and_environment(monkeypatch):
     monkeypatch.setenv("CNNOPS_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
         cnnops.conv2d(x, w)
+
+
+def test_backend_resolution_traces_under_torch_compile():
+    """torch.compile(fullgraph=True) must trace the whole resolution path, for CUDA tensors too
+    (it is pure Python, so no GPU is needed to trace it)."""
+    from cnnops.ops._backend import resolve_backend
+
+    expected = "cuda" if cnnops.has_cuda_kernels() else None
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def resolve(x):
+        chosen = resolve_backend("conv2d", torch.device("cuda")) if expected else "cpu"
+        return x + 1, chosen
+
+    x = torch.zeros(2)
+    out, chosen = resolve(x)
+    torch.testing.assert_close(out, x + 1)
+    assert chosen == (expected or "cpu")

@@ -557,6 +557,80 @@ DirectPlan plan_direct(const Conv2dShape& s) {
   return d;
 }
 
+// Row copies of the polyphase build. Rows are short (7 to 56 columns in ResNeXt), and there are
+// many: a memcpy call or a scalar loop per row cost as much as the convolution itself for the
+// stride-2 layers. These copy a row with a few vectors of the widest size that fits in it, the
+// last one aligned to the row's end (an overlap rewrites the same values). GCC's vector types
+// are ISA-neutral, so this inlines into every instruction-set variant of the kernel.
+template <typename T, int kBytes>
+struct Vector {
+  typedef T type __attribute__((vector_size(kBytes)));
+};
+
+template <typename T, int kBytes>
+__attribute__((always_inline)) inline void copy_with_vectors(const T* src, T* dst, int64_t n) {
+  constexpr int64_t kLanes = kBytes / sizeof(T);
+  for (int64_t x = 0; x < n; x += kLanes) {
+    const int64_t at = std::min(x, n - kLanes);
+    typename Vector<T, kBytes>::type v;
+    std::memcpy(&v, src + at, kBytes);
+    std::memcpy(dst + at, &v, kBytes);
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void copy_row(const T* src, T* dst, int64_t n) {
+  if (n * int64_t{sizeof(T)} >= 64) {
+    copy_with_vectors<T, 64>(src, dst, n);
+  } else if (n * int64_t{sizeof(T)} >= 32) {
+    copy_with_vectors<T, 32>(src, dst, n);
+  } else if (n * int64_t{sizeof(T)} >= 16) {
+    copy_with_vectors<T, 16>(src, dst, n);
+  } else {
+    for (int64_t x = 0; x < n; ++x) dst[x] = src[x];
+  }
+}
+
+// even[k] = src[2k], odd[k] = src[2k + 1] for 2k (+ 1) < n: the two column phases of stride 2.
+template <typename T, int kBytes>
+__attribute__((always_inline)) inline void split_with_vectors(const T* src, T* even, T* odd, int64_t n) {
+  constexpr int64_t kLanes = kBytes / sizeof(T);
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> index_t;
+  typedef index_t index_vec __attribute__((vector_size(kBytes)));
+  index_vec even_index, odd_index;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    even_index[l] = index_t(2 * l);
+    odd_index[l] = index_t(2 * l + 1);
+  }
+  // Steps of 2 * kLanes inputs from even offsets; the last step ends at or one before n.
+  const int64_t last = (n - 2 * kLanes) & ~int64_t{1};
+  for (int64_t x = 0;; x += 2 * kLanes) {
+    const int64_t at = std::min(x, last);
+    typename Vector<T, kBytes>::type lo, hi;
+    std::memcpy(&lo, src + at, kBytes);
+    std::memcpy(&hi, src + at + kLanes, kBytes);
+    const typename Vector<T, kBytes>::type e = __builtin_shuffle(lo, hi, even_index);
+    const typename Vector<T, kBytes>::type o = __builtin_shuffle(lo, hi, odd_index);
+    std::memcpy(even + at / 2, &e, kBytes);
+    std::memcpy(odd + at / 2, &o, kBytes);
+    if (at == last) break;
+  }
+  if (n % 2) even[n / 2] = src[n - 1];  // the step at `last` stopped one short
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void split_even_odd(const T* src, T* even, T* odd, int64_t n) {
+#if defined(__GNUC__) && !defined(__clang__)
+  if (n >= 128 / int64_t{sizeof(T)}) return split_with_vectors<T, 64>(src, even, odd, n);
+  if (n >= 64 / int64_t{sizeof(T)}) return split_with_vectors<T, 32>(src, even, odd, n);
+  if (n >= 32 / int64_t{sizeof(T)}) return split_with_vectors<T, 16>(src, even, odd, n);
+#endif
+  for (int64_t k = 0; 2 * k < n; ++k) {
+    even[k] = src[2 * k];
+    if (2 * k + 1 < n) odd[k] = src[2 * k + 1];
+  }
+}
+
 // Writes the polyphase copy of `channels` input planes into a buffer that was zero-filled once:
 // padding and slack are zeros at fixed places, so only the input pixels are copied, every time
 // to the same places. It runs inside each task, on the task's own group, so the copy stays in
@@ -565,26 +639,34 @@ template <typename T>
 __attribute__((always_inline)) inline void build_group_phases(const T* in, T* phases, int64_t channels,
                                                               const Conv2dShape& s,
                                                               const DirectPlan& d) {
+  const int64_t phase_size = d.phase_rows * d.Wph;
   for (int64_t c = 0; c < channels; ++c) {
     const T* plane = in + c * s.H * s.W;
-    T* dst = phases + c * d.channel_stride;
+    T* channel = phases + c * d.channel_stride;
     for (int64_t a = 0; a < s.stride_h; ++a) {
-      for (int64_t b = 0; b < s.stride_w; ++b, dst += d.phase_rows * d.Wph) {
-        // Phase rows/columns [lo, hi) map to input rows/columns i * stride + phase - pad inside
-        // the input.
-        const int64_t i_lo = std::min(d.Hph, std::max<int64_t>(0, s.pad_h - a + s.stride_h - 1) / s.stride_h);
-        const int64_t i_hi = std::clamp(floor_div(s.H - 1 + s.pad_h - a, s.stride_h) + 1, i_lo, d.Hph);
-        const int64_t j_lo = std::min(d.Wph, std::max<int64_t>(0, s.pad_w - b + s.stride_w - 1) / s.stride_w);
-        const int64_t j_hi = std::clamp(floor_div(s.W - 1 + s.pad_w - b, s.stride_w) + 1, j_lo, d.Wph);
-        for (int64_t i = i_lo; i < i_hi; ++i) {
-          const T* src = plane + (i * s.stride_h + a - s.pad_h) * s.W + b - s.pad_w;
-          T* row = dst + i * d.Wph;
+      // Phase rows [i_lo, i_hi) map to input rows i * stride_h + a - pad_h inside the input.
+      const int64_t i_lo = std::min(d.Hph, std::max<int64_t>(0, s.pad_h - a + s.stride_h - 1) / s.stride_h);
+      const int64_t i_hi = std::clamp(floor_div(s.H - 1 + s.pad_h - a, s.stride_h) + 1, i_lo, d.Hph);
+      T* row_phases = channel + a * s.stride_w * phase_size;
+      for (int64_t i = i_lo; i < i_hi; ++i) {
+        const T* src = plane + (i * s.stride_h + a - s.pad_h) * s.W;
+        if (s.stride_w == 2) {
+          // Input column x lands in phase (x + pad_w) % 2, at column (x + pad_w) / 2.
+          const int64_t pw = s.pad_w;
+          split_even_odd(src, row_phases + (pw % 2) * phase_size + i * d.Wph + pw / 2,
+                         row_phases + ((pw + 1) % 2) * phase_size + i * d.Wph + (pw + 1) / 2, s.W);
+          continue;
+        }
+        for (int64_t b = 0; b < s.stride_w; ++b) {
+          // Phase columns [j_lo, j_hi) map to input columns j * stride_w + b - pad_w.
+          const int64_t j_lo = std::min(d.Wph, std::max<int64_t>(0, s.pad_w - b + s.stride_w - 1) / s.stride_w);
+          const int64_t j_hi = std::clamp(floor_div(s.W - 1 + s.pad_w - b, s.stride_w) + 1, j_lo, d.Wph);
+          T* row = row_phases + b * phase_size + i * d.Wph;
+          const T* from = src + b - s.pad_w;
           if (s.stride_w == 1) {
-            std::memcpy(row + j_lo, src + j_lo, (j_hi - j_lo) * sizeof(T));
-          } else if (s.stride_w == 2) {
-            for (int64_t j = j_lo; j < j_hi; ++j) row[j] = src[2 * j];
+            copy_row(from + j_lo, row + j_lo, j_hi - j_lo);
           } else {
-            for (int64_t j = j_lo; j < j_hi; ++j) row[j] = src[j * s.stride_w];
+            for (int64_t j = j_lo; j < j_hi; ++j) row[j] = from[j * s.stride_w];
           }
         }
       }

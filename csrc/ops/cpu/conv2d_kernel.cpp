@@ -744,7 +744,7 @@ __attribute__((always_inline)) inline void direct_forward_tasks(const DirectTask
           const int64_t run_end = std::min(stop, (p + 1) * d.Wph);
           const int64_t valid = std::min(run_end - j, s.Q - q);
           for (int kb = 0; valid > 0 && kb < kKB; ++kb) {
-            std::memcpy(out + (kb * s.P + p) * s.Q + q, tile + kb * kJB + (j - j0), valid * sizeof(T));
+            copy_row(tile + kb * kJB + (j - j0), out + (kb * s.P + p) * s.Q + q, valid);
           }
           j = run_end;
         }

@@ -78,6 +78,24 @@ def test_direct_forward_every_row_width(stride, padding, dtype):
         assert_close_to_reference(out, ref, 2 * 9, f"output (width {width})")
 
 
+def test_autograd_only_where_a_gradient_can_flow():
+    """Calls that need no gradient skip the autograd kernel; those that do get a grad_fn."""
+    x, w, b = make_problem(CASES[2].values[0], torch.float32)
+    w.requires_grad_()
+    ref = F.conv2d(x, w, b, padding=1)
+    with_grad = cnnops.conv2d(x, w, b, padding=1)
+    assert with_grad.grad_fn is not None
+    with torch.no_grad():
+        no_grad = cnnops.conv2d(x, w, b, padding=1)
+    with torch.inference_mode():
+        inference = cnnops.conv2d(x, w, b, padding=1)
+    plain = cnnops.conv2d(x, w.detach(), b, padding=1)
+    for out in (no_grad, inference, plain):
+        assert out.grad_fn is None and not out.requires_grad
+    for out in (with_grad, no_grad, inference, plain):
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_batch0_gradients_are_zero():
     x = torch.randn(0, 4, 9, 9, requires_grad=True)
     w = torch.randn(5, 4, 3, 3, requires_grad=True)

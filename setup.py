@@ -29,13 +29,17 @@ def nvcc_toolkit_root():
     try:
         out = subprocess.run(
             [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"^#\$ TOP=(.*)$", out.stdout + out.stderr, re.MULTILINE)
-    root = os.path.realpath(match.group(1).strip()) if match else os.path.dirname(
-        os.path.dirname(os.path.realpath(nvcc))
+    root = (
+        os.path.realpath(match.group(1).strip())
+        if match
+        else os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
     )
     return root if os.path.isfile(os.path.join(root, "bin", "nvcc")) else None
 
@@ -61,7 +65,9 @@ def extension_modules():
 
     from torch.utils import cpp_extension
 
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
+    sources = sorted(
+        glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp")
+    )
     define_macros = []
     extra = {"cxx": ["-O3", "-fopenmp"]}
     if with_cuda:
@@ -77,7 +83,9 @@ def extension_modules():
     else:
         include_dirs = [os.path.join(ROOT, "csrc")]
         ext_class = cpp_extension.CppExtension
-    print(f"cnnops: building cnnops._C {'with' if with_cuda else 'without'} CUDA kernels", flush=True)
+    print(
+        f"cnnops: building cnnops._C {'with' if with_cuda else 'without'} CUDA kernels", flush=True
+    )
     return [
         ext_class(
             name="cnnops._C",

@@ -6,8 +6,20 @@ import torch
 
 def case(n, c, h, w, k, kernel, stride=1, padding=0, dilation=1, groups=1, bias=True, id=None):
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    spec = dict(n=n, c=c, h=h, w=w, k=k, kh=kh, kw=kw, stride=stride, padding=padding,
-                dilation=dilation, groups=groups, bias=bias)
+    spec = dict(
+        n=n,
+        c=c,
+        h=h,
+        w=w,
+        k=k,
+        kh=kh,
+        kw=kw,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+    )
     return pytest.param(spec, id=id)
 
 
@@ -47,8 +59,14 @@ LAYOUTS = ["nchw", "channels_last", "non_contiguous"]
 def make_problem(spec, dtype, layout="nchw", seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(spec["n"], spec["c"], spec["h"], spec["w"], generator=gen, dtype=torch.float64)
-    w = torch.randn(spec["k"], spec["c"] // spec["groups"], spec["kh"], spec["kw"], generator=gen,
-                    dtype=torch.float64)
+    w = torch.randn(
+        spec["k"],
+        spec["c"] // spec["groups"],
+        spec["kh"],
+        spec["kw"],
+        generator=gen,
+        dtype=torch.float64,
+    )
     b = torch.randn(spec["k"], generator=gen, dtype=torch.float64) if spec["bias"] else None
     x, w = x.to(dtype), w.to(dtype)
     b = b.to(dtype) if b is not None else None
@@ -64,8 +82,12 @@ def make_problem(spec, dtype, layout="nchw", seed=0):
 
 
 def conv_args(spec):
-    return dict(stride=spec["stride"], padding=spec["padding"], dilation=spec["dilation"],
-                groups=spec["groups"])
+    return dict(
+        stride=spec["stride"],
+        padding=spec["padding"],
+        dilation=spec["dilation"],
+        groups=spec["groups"],
+    )
 
 
 def reduction_lengths(spec, out_shape):

@@ -17,10 +17,14 @@ def test_version():
 def test_available_backends_on_cpu():
     assert cnnops.available_backends("cpu") == ["cpu"]
     assert "cpu" in cnnops.available_backends()
-    assert ("cuda" in cnnops.available_backends()) == (torch.cuda.is_available() and cnnops.has_cuda_kernels())
+    assert ("cuda" in cnnops.available_backends()) == (
+        torch.cuda.is_available() and cnnops.has_cuda_kernels()
+    )
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine: the build leaves CUDA out")
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="no nvcc on this machine: the build leaves CUDA out"
+)
 def test_build_includes_cuda_kernels_when_nvcc_is_present():
     """CI has nvcc: the extension must have been built with the CUDA sources, so that a .cu
     file that does not compile fails CI instead of being left out quietly."""

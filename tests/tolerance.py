@@ -16,4 +16,6 @@ def assert_close_to_reference(actual, reference, reduction_length, name="output"
     eps = torch.finfo(actual.dtype).eps
     scale = max(1.0, reference.abs().max().item()) if reference.numel() else 1.0
     tol = 16 * eps * math.sqrt(max(1, reduction_length)) * scale
-    torch.testing.assert_close(actual.double(), reference.double(), atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        actual.double(), reference.double(), atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}"
+    )

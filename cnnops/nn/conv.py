@@ -27,5 +27,14 @@ class Conv2d(torch.nn.Conv2d):
             padding = 0
         else:
             padding = self.padding
-        return conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups,
-                      algo=self.algo, backend=self.backend)
+        return conv2d(
+            input,
+            weight,
+            bias,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+            algo=self.algo,
+            backend=self.backend,
+        )

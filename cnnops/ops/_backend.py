@@ -29,7 +29,8 @@ def _check_name(backend, source):
 
 @contextlib.contextmanager
 def use_backend(backend):
-    """Run the ops inside the block on `backend` ("cpu", "cuda" or "triton") unless a call names one."""
+    """Runs the ops inside the block on `backend` ("cpu", "cuda" or "triton"), unless a call
+    names one."""
     _backend_stack.append(_check_name(backend, "use_backend()"))
     try:
         yield
@@ -45,8 +46,10 @@ def has_cuda_kernels():
 
 def available_backends(device=None):
     """The backends that can run ops on `device` (default: every device present)."""
-    devices = [torch.device(device)] if device is not None else [torch.device("cpu")] + (
-        [torch.device("cuda")] if torch.cuda.is_available() else []
+    devices = (
+        [torch.device(device)]
+        if device is not None
+        else [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     )
     found = []
     for dev in devices:

@@ -22,8 +22,10 @@ def _pair(value, name):
         raise TypeError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
         return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
         return tuple(value)
     if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(value[0], int):
@@ -44,7 +46,11 @@ def conv2d_output_shape(input_shape, weight_shape, stride, padding, dilation, gr
             "conv2d: weight must be 4-D (C_out, C_in/groups, kH, kW), got shape "
             f"{tuple(weight_shape)}"
         )
-    for name, pair, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+    for name, pair, low in (
+        ("stride", stride, 1),
+        ("padding", padding, 0),
+        ("dilation", dilation, 1),
+    ):
         if any(v < low for v in pair):
             raise ValueError(f"conv2d: {name} must be >= {low}, got {tuple(pair)}")
     if groups < 1:
@@ -63,7 +69,9 @@ def conv2d_output_shape(input_shape, weight_shape, stride, padding, dilation, gr
             f"input channels ({c})"
         )
     if min(k, r, s) == 0:
-        raise ValueError(f"conv2d: weight must have no zero-sized dimension, got {tuple(weight_shape)}")
+        raise ValueError(
+            f"conv2d: weight must have no zero-sized dimension, got {tuple(weight_shape)}"
+        )
     if min(c, h, w) == 0:
         raise ValueError(
             f"conv2d: input must have non-zero channels, height and width, got {tuple(input_shape)}"
@@ -99,7 +107,9 @@ def _check_tensors(input, weight, bias):
         if t is None:
             continue
         if t.dtype != input.dtype:
-            raise TypeError(f"conv2d: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
+            raise TypeError(
+                f"conv2d: {name} dtype {t.dtype} does not match input dtype {input.dtype}"
+            )
         if t.device != input.device:
             raise ValueError(
                 f"conv2d: {name} is on {t.device} but input is on {input.device}; "
@@ -108,20 +118,31 @@ def _check_tensors(input, weight, bias):
 
 
 def _same_padding(input, weight, stride, dilation):
-    """Padding for padding="same": symmetric where possible, extra on the bottom/right like torch."""
+    """Padding for padding="same": symmetric where possible, the odd pixel at the bottom/right
+    as torch puts it."""
     if stride != (1, 1):
         raise ValueError(f"conv2d: padding='same' needs stride 1, got stride {stride}")
-    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=True)]
     before = tuple(t // 2 for t in total)
-    extra = [t - 2 * b for t, b in zip(total, before)]
+    extra = [t - 2 * b for t, b in zip(total, before, strict=True)]
     if any(extra):
         # The op pads symmetrically; torch puts the odd pixel of 'same' padding at the end.
         input = F.pad(input, [0, extra[1], 0, extra[0]])
     return input, before
 
 
-def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algo="auto",
-           backend=None):
+def conv2d(
+    input,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    *,
+    algo="auto",
+    backend=None,
+):
     """2-D convolution with the signature of torch.nn.functional.conv2d.
 
     algo: "auto", "direct" or "im2col" ("implicit_gemm" and "depthwise" where a backend has them).
@@ -142,7 +163,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
                 raise ValueError(f"conv2d: weight must be 4-D, got shape {tuple(weight.shape)}")
             input, padding = _same_padding(input, weight, stride, dilation)
         else:
-            raise ValueError(f"conv2d: padding must be 'same', 'valid', an int or a pair, got {padding!r}")
+            raise ValueError(
+                f"conv2d: padding must be 'same', 'valid', an int or a pair, got {padding!r}"
+            )
     else:
         padding = _pair(padding, "padding")
     conv2d_output_shape(input.shape, weight.shape, stride, padding, dilation, groups)
@@ -181,14 +204,19 @@ def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups, algo):
 
 
 @torch.library.register_fake("cnnops::_conv2d_backward")
-def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation, groups, algo,
-                          output_mask):
+def _conv2d_backward_fake(
+    grad_output, input, weight, stride, padding, dilation, groups, algo, output_mask
+):
     grad_input = (
         torch.empty_like(input, memory_format=conv2d_memory_format(input))
         if output_mask[0]
         else input.new_empty(0)
     )
-    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else input.new_empty(0)
+    grad_weight = (
+        torch.empty_like(weight, memory_format=torch.contiguous_format)
+        if output_mask[1]
+        else input.new_empty(0)
+    )
     grad_bias = weight.new_empty(weight.shape[0]) if output_mask[2] else input.new_empty(0)
     return grad_input, grad_weight, grad_bias
 
@@ -202,7 +230,11 @@ def _setup_context(ctx, inputs, output):
 
 def _conv2d_backward(ctx, grad_output):
     input, weight = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    mask = [
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        ctx.has_bias and ctx.needs_input_grad[2],
+    ]
     grad_input, grad_weight, grad_bias = torch.ops.cnnops._conv2d_backward(
         grad_output, input, weight, *ctx.conv_args, mask
     )
@@ -210,7 +242,11 @@ def _conv2d_backward(ctx, grad_output):
         grad_input if mask[0] else None,
         grad_weight if mask[1] else None,
         grad_bias if mask[2] else None,
-        None, None, None, None, None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 

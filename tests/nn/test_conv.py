@@ -6,14 +6,46 @@ import torch
 import cnnops
 
 
-@pytest.mark.parametrize("kwargs", [
-    pytest.param(dict(in_channels=4, out_channels=8, kernel_size=3, padding=1), id="3x3"),
-    pytest.param(dict(in_channels=8, out_channels=8, kernel_size=3, stride=2, padding=1, groups=4, bias=False), id="grouped-no-bias"),
-    pytest.param(dict(in_channels=4, out_channels=6, kernel_size=(3, 5), dilation=2, padding="same"), id="same-dilated"),
-    pytest.param(dict(in_channels=4, out_channels=4, kernel_size=3, padding=2, padding_mode="reflect"), id="reflect"),
-    pytest.param(dict(in_channels=4, out_channels=4, kernel_size=3, padding=(1, 2), padding_mode="circular"), id="circular"),
-    pytest.param(dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, padding_mode="replicate"), id="replicate"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param(dict(in_channels=4, out_channels=8, kernel_size=3, padding=1), id="3x3"),
+        pytest.param(
+            dict(
+                in_channels=8,
+                out_channels=8,
+                kernel_size=3,
+                stride=2,
+                padding=1,
+                groups=4,
+                bias=False,
+            ),
+            id="grouped-no-bias",
+        ),
+        pytest.param(
+            dict(in_channels=4, out_channels=6, kernel_size=(3, 5), dilation=2, padding="same"),
+            id="same-dilated",
+        ),
+        pytest.param(
+            dict(in_channels=4, out_channels=4, kernel_size=3, padding=2, padding_mode="reflect"),
+            id="reflect",
+        ),
+        pytest.param(
+            dict(
+                in_channels=4,
+                out_channels=4,
+                kernel_size=3,
+                padding=(1, 2),
+                padding_mode="circular",
+            ),
+            id="circular",
+        ),
+        pytest.param(
+            dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, padding_mode="replicate"),
+            id="replicate",
+        ),
+    ],
+)
 def test_loads_torch_state_dict_and_matches(kwargs):
     torch.manual_seed(0)
     ref = torch.nn.Conv2d(**kwargs).double()
@@ -25,7 +57,7 @@ def test_loads_torch_state_dict_and_matches(kwargs):
     torch.testing.assert_close(ours(x), ref(x))
     g_ours = torch.autograd.grad(ours(x).square().sum(), [x, *ours.parameters()])
     g_ref = torch.autograd.grad(ref(x).square().sum(), [x, *ref.parameters()])
-    for a, b in zip(g_ours, g_ref):
+    for a, b in zip(g_ours, g_ref, strict=True):
         torch.testing.assert_close(a, b)
     # And back: torch's module loads ours.
     ref.load_state_dict(ours.state_dict())

@@ -33,10 +33,14 @@ def test_forward_and_gradients_match_torch(spec, algo, layout):
     else:
         assert out.is_contiguous()
 
-    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad_out = torch.randn(
+        ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
     grads = torch.autograd.grad(out, params, grad_out.float())
     ref_grads = torch.autograd.grad(ref, [t for t in (x64, w64, b64) if t is not None], grad_out)
-    for name, got, want, length in zip(("grad_input", "grad_weight", "grad_bias"), grads, ref_grads, lengths[1:]):
+    for name, got, want, length in zip(
+        ("grad_input", "grad_weight", "grad_bias"), grads, ref_grads, lengths[1:], strict=False
+    ):
         assert_close_to_reference(got, want, length, name)
 
 
@@ -48,8 +52,9 @@ def test_gradcheck_float64(spec, algo):
     inputs = [t.requires_grad_() for t in (x, w, b) if t is not None]
 
     def fn(*args):
-        return cnnops.conv2d(args[0], args[1], args[2] if b is not None else None,
-                             **conv_args(small), algo=algo)
+        return cnnops.conv2d(
+            args[0], args[1], args[2] if b is not None else None, **conv_args(small), algo=algo
+        )
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
 
@@ -58,8 +63,9 @@ def test_gradcheck_float64(spec, algo):
 def test_float64_matches_torch_tightly(algo):
     spec = CASES[4].values[0]
     x, w, b = make_problem(spec, torch.float64)
-    torch.testing.assert_close(cnnops.conv2d(x, w, b, **conv_args(spec), algo=algo),
-                               F.conv2d(x, w, b, **conv_args(spec)))
+    torch.testing.assert_close(
+        cnnops.conv2d(x, w, b, **conv_args(spec), algo=algo), F.conv2d(x, w, b, **conv_args(spec))
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -132,11 +138,13 @@ def test_opcheck(algo):
     x.requires_grad_()
     w.requires_grad_()
     b.requires_grad_()
-    torch.library.opcheck(torch.ops.cnnops.conv2d.default,
-                          (x, w, b, [1, 2], [2, 1], [2, 1], 1, algo))
+    torch.library.opcheck(
+        torch.ops.cnnops.conv2d.default, (x, w, b, [1, 2], [2, 1], [2, 1], 1, algo)
+    )
     xl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-    torch.library.opcheck(torch.ops.cnnops.conv2d.default,
-                          (xl, w, None, [2, 2], [1, 1], [1, 1], 1, algo))
+    torch.library.opcheck(
+        torch.ops.cnnops.conv2d.default, (xl, w, None, [2, 2], [1, 1], [1, 1], 1, algo)
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -146,18 +154,21 @@ def test_torch_compile_fullgraph():
     def block(x, w, b):
         return torch.relu(cnnops.conv2d(x, w, b, padding=1, groups=4)) * 2
 
-    torch.testing.assert_close(block(x, w, b), torch.relu(F.conv2d(x, w, b, padding=1, groups=4)) * 2,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        block(x, w, b), torch.relu(F.conv2d(x, w, b, padding=1, groups=4)) * 2, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_torch_compile_sees_use_backend_changes():
     """A compiled call re-reads use_backend(): a block that names an unusable backend raises."""
     x, w, b = make_problem(CASES[2].values[0], torch.float32)
-    block = torch.compile(lambda x, w, b: cnnops.conv2d(x, w, b, padding=1), fullgraph=True,
-                          backend="aot_eager")
+    block = torch.compile(
+        lambda x, w, b: cnnops.conv2d(x, w, b, padding=1), fullgraph=True, backend="aot_eager"
+    )
     with cnnops.use_backend("cpu"):
-        torch.testing.assert_close(block(x, w, b), F.conv2d(x, w, b, padding=1),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            block(x, w, b), F.conv2d(x, w, b, padding=1), atol=1e-4, rtol=1e-4
+        )
     with cnnops.use_backend("cuda"), pytest.raises(Exception, match="backend 'cuda' cannot run"):
         block(x, w, b)
 
@@ -179,6 +190,7 @@ def test_torch_compile_backward():
 
 # ---- bad input: a clear exception, raised before any kernel runs ----
 
+
 def _x():
     return torch.randn(2, 4, 9, 9)
 
@@ -188,32 +200,156 @@ def _w(k=6, c=4, r=3):
 
 
 BAD_INPUTS = [
-    pytest.param(lambda: cnnops.conv2d(torch.randn(4, 9, 9), _w()), ValueError, "input must be 4-D", id="input-rank"),
-    pytest.param(lambda: cnnops.conv2d(_x(), torch.randn(6, 4, 3)), ValueError, "weight must be 4-D", id="weight-rank"),
-    pytest.param(lambda: cnnops.conv2d(_x().long(), _w().long()), TypeError, "floating-point", id="integer-dtype"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w().double()), TypeError, "weight dtype", id="dtype-mismatch"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), torch.randn(6).double()), TypeError, "bias dtype", id="bias-dtype"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), torch.randn(5)), RuntimeError, "bias must have shape", id="bias-shape"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), None, 1, 0, 1, 1, algo="im2col", backend="cuda"), RuntimeError, "backend 'cuda' cannot run", id="backend-device"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w().to("meta")), ValueError, "weight is on meta but input is on cpu", id="device-mismatch"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(c=3)), ValueError, "weight.size(1)", id="channels-mismatch"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(k=5, c=2), groups=2), ValueError, "divide the output channels", id="groups-not-dividing-cout"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(k=6, c=1), groups=3), ValueError, "divide the input channels", id="groups-not-dividing-cin"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), groups=0), ValueError, "groups must be >= 1", id="groups-zero"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), stride=0), ValueError, "stride must be >= 1", id="stride-zero"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), stride=(1, -2)), ValueError, "stride must be >= 1", id="stride-negative"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), dilation=0), ValueError, "dilation must be >= 1", id="dilation-zero"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), padding=-1), ValueError, "padding must be >= 0", id="padding-negative"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), padding="full"), ValueError, "padding must be 'same'", id="padding-unknown"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), stride=2, padding="same"), ValueError, "needs stride 1", id="same-strided"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(r=11)), ValueError, "larger than the padded input", id="kernel-too-large"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), dilation=5), ValueError, "larger than the padded input", id="dilated-kernel-too-large"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), algo="winograd"), ValueError, "unknown algo", id="unknown-algo"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), algo="implicit_gemm"), ValueError, "not available on the cpu backend", id="algo-not-on-backend"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), backend="opencl"), ValueError, "unknown backend", id="unknown-backend"),
-    pytest.param(lambda: cnnops.conv2d(_x(), _w(), stride=(1, 2, 3)), TypeError, "pair of ints", id="stride-triple"),
-    pytest.param(lambda: cnnops.conv2d(_x().numpy(), _w()), TypeError, "input must be a Tensor", id="not-a-tensor"),
-    pytest.param(lambda: cnnops.conv2d(torch.randn(2, 4, 0, 9), _w()), ValueError, "non-zero channels, height and width", id="empty-spatial"),
+    pytest.param(
+        lambda: cnnops.conv2d(torch.randn(4, 9, 9), _w()),
+        ValueError,
+        "input must be 4-D",
+        id="input-rank",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), torch.randn(6, 4, 3)),
+        ValueError,
+        "weight must be 4-D",
+        id="weight-rank",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x().long(), _w().long()),
+        TypeError,
+        "floating-point",
+        id="integer-dtype",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w().double()), TypeError, "weight dtype", id="dtype-mismatch"
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), torch.randn(6).double()),
+        TypeError,
+        "bias dtype",
+        id="bias-dtype",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), torch.randn(5)),
+        RuntimeError,
+        "bias must have shape",
+        id="bias-shape",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), None, 1, 0, 1, 1, algo="im2col", backend="cuda"),
+        RuntimeError,
+        "backend 'cuda' cannot run",
+        id="backend-device",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w().to("meta")),
+        ValueError,
+        "weight is on meta but input is on cpu",
+        id="device-mismatch",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(c=3)), ValueError, "weight.size(1)", id="channels-mismatch"
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(k=5, c=2), groups=2),
+        ValueError,
+        "divide the output channels",
+        id="groups-not-dividing-cout",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(k=6, c=1), groups=3),
+        ValueError,
+        "divide the input channels",
+        id="groups-not-dividing-cin",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), groups=0),
+        ValueError,
+        "groups must be >= 1",
+        id="groups-zero",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), stride=0),
+        ValueError,
+        "stride must be >= 1",
+        id="stride-zero",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), stride=(1, -2)),
+        ValueError,
+        "stride must be >= 1",
+        id="stride-negative",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), dilation=0),
+        ValueError,
+        "dilation must be >= 1",
+        id="dilation-zero",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), padding=-1),
+        ValueError,
+        "padding must be >= 0",
+        id="padding-negative",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), padding="full"),
+        ValueError,
+        "padding must be 'same'",
+        id="padding-unknown",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), stride=2, padding="same"),
+        ValueError,
+        "needs stride 1",
+        id="same-strided",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(r=11)),
+        ValueError,
+        "larger than the padded input",
+        id="kernel-too-large",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), dilation=5),
+        ValueError,
+        "larger than the padded input",
+        id="dilated-kernel-too-large",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), algo="winograd"),
+        ValueError,
+        "unknown algo",
+        id="unknown-algo",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), algo="implicit_gemm"),
+        ValueError,
+        "not available on the cpu backend",
+        id="algo-not-on-backend",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), backend="opencl"),
+        ValueError,
+        "unknown backend",
+        id="unknown-backend",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), stride=(1, 2, 3)),
+        TypeError,
+        "pair of ints",
+        id="stride-triple",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(_x().numpy(), _w()),
+        TypeError,
+        "input must be a Tensor",
+        id="not-a-tensor",
+    ),
+    pytest.param(
+        lambda: cnnops.conv2d(torch.randn(2, 4, 0, 9), _w()),
+        ValueError,
+        "non-zero channels, height and width",
+        id="empty-spatial",
+    ),
 ]
 
 
@@ -223,13 +359,81 @@ def test_bad_input_raises_clear_error(call, error, message):
         call()
 
 
-@pytest.mark.parametrize("args,message", [
-    pytest.param((torch.randn(2, 4, 9, 9), torch.randn(6, 3, 3, 3), None, [1, 1], [0, 0], [1, 1], 1, "im2col"), "weight.size(1)", id="channels"),
-    pytest.param((torch.randn(2, 4, 9, 9), torch.randn(6, 4, 3, 3), None, [0, 1], [0, 0], [1, 1], 1, "direct"), "stride must be >= 1", id="stride"),
-    pytest.param((torch.randn(2, 4, 9, 9), torch.randn(6, 4, 3, 3), None, [1, 1], [0, 0], [1, 1], 1, "fft"), "algo 'fft' is not available", id="algo"),
-    pytest.param((torch.randn(2, 4, 2, 2), torch.randn(6, 4, 3, 3), None, [1, 1], [0, 0], [1, 1], 1, "direct"), "larger than the padded input", id="kernel-too-large"),
-    pytest.param((torch.randn(2, 4, 9, 9).half(), torch.randn(6, 4, 3, 3).half(), None, [1, 1], [0, 0], [1, 1], 1, "direct"), "float32 or float64", id="half-on-cpu"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        pytest.param(
+            (
+                torch.randn(2, 4, 9, 9),
+                torch.randn(6, 3, 3, 3),
+                None,
+                [1, 1],
+                [0, 0],
+                [1, 1],
+                1,
+                "im2col",
+            ),
+            "weight.size(1)",
+            id="channels",
+        ),
+        pytest.param(
+            (
+                torch.randn(2, 4, 9, 9),
+                torch.randn(6, 4, 3, 3),
+                None,
+                [0, 1],
+                [0, 0],
+                [1, 1],
+                1,
+                "direct",
+            ),
+            "stride must be >= 1",
+            id="stride",
+        ),
+        pytest.param(
+            (
+                torch.randn(2, 4, 9, 9),
+                torch.randn(6, 4, 3, 3),
+                None,
+                [1, 1],
+                [0, 0],
+                [1, 1],
+                1,
+                "fft",
+            ),
+            "algo 'fft' is not available",
+            id="algo",
+        ),
+        pytest.param(
+            (
+                torch.randn(2, 4, 2, 2),
+                torch.randn(6, 4, 3, 3),
+                None,
+                [1, 1],
+                [0, 0],
+                [1, 1],
+                1,
+                "direct",
+            ),
+            "larger than the padded input",
+            id="kernel-too-large",
+        ),
+        pytest.param(
+            (
+                torch.randn(2, 4, 9, 9).half(),
+                torch.randn(6, 4, 3, 3).half(),
+                None,
+                [1, 1],
+                [0, 0],
+                [1, 1],
+                1,
+                "direct",
+            ),
+            "float32 or float64",
+            id="half-on-cpu",
+        ),
+    ],
+)
 def test_raw_op_checks_its_arguments(args, message):
     """torch.ops.cnnops.conv2d called directly, skipping the Python checks, still raises."""
     with pytest.raises(RuntimeError, match=message.replace("(", r"\(").replace(")", r"\)")):

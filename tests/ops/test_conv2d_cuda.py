@@ -41,7 +41,9 @@ def test_float32_forward_and_gradients(spec, algo, layout):
     params = [t for t in (x, w, b) if t is not None]
     grads = torch.autograd.grad(out, params, grad_out.float())
     ref_grads = torch.autograd.grad(ref, [t for t in (x64, w64, b64) if t is not None], grad_out)
-    for name, got, want, length in zip(("grad_input", "grad_weight", "grad_bias"), grads, ref_grads, lengths[1:]):
+    for name, got, want, length in zip(
+        ("grad_input", "grad_weight", "grad_bias"), grads, ref_grads, lengths[1:], strict=False
+    ):
         assert_close_to_reference(got, want, length, name)
 
 
@@ -67,20 +69,30 @@ def test_gradcheck_float64(algo):
     x, w, b = to_cuda(*make_problem(spec, torch.float64))
     inputs = [t.requires_grad_() for t in (x, w, b)]
     assert torch.autograd.gradcheck(
-        lambda *a: cnnops.conv2d(*a, **conv_args(spec), algo=algo, backend="cuda"), inputs, eps=1e-6, atol=1e-5)
+        lambda *a: cnnops.conv2d(*a, **conv_args(spec), algo=algo, backend="cuda"),
+        inputs,
+        eps=1e-6,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("algo", CUDA_ALGOS)
 def test_opcheck(algo):
     x, w, b = to_cuda(*make_problem(CASES[9].values[0], torch.float32))
-    torch.library.opcheck(torch.ops.cnnops.conv2d.default,
-                          (x.requires_grad_(), w.requires_grad_(), b, [1, 1], [1, 1], [1, 1], 4, algo))
+    torch.library.opcheck(
+        torch.ops.cnnops.conv2d.default,
+        (x.requires_grad_(), w.requires_grad_(), b, [1, 1], [1, 1], [1, 1], 4, algo),
+    )
 
 
 def test_compile_fullgraph():
     x, w, b = to_cuda(*make_problem(CASES[9].values[0], torch.float32))
-    fn = torch.compile(lambda x, w, b: torch.relu(cnnops.conv2d(x, w, b, padding=1, groups=4)), fullgraph=True)
-    torch.testing.assert_close(fn(x, w, b), torch.relu(F.conv2d(x, w, b, padding=1, groups=4)), atol=1e-4, rtol=1e-4)
+    fn = torch.compile(
+        lambda x, w, b: torch.relu(cnnops.conv2d(x, w, b, padding=1, groups=4)), fullgraph=True
+    )
+    torch.testing.assert_close(
+        fn(x, w, b), torch.relu(F.conv2d(x, w, b, padding=1, groups=4)), atol=1e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("algo", CUDA_ALGOS)

@@ -323,22 +323,26 @@ at::Tensor columns_for_tile(const at::Tensor& input, at::Tensor& buffer, const C
   return col;
 }
 
-// The (group g) block of the tile's output, as a matrix: NCHW K_g x pixels, NHWC pixels x K_g.
-at::Tensor output_block(const at::Tensor& out, const Conv2dShape& s, const Tile& t, int64_t g,
-                        bool channels_last) {
+// The GEMMs go one batched call per tile, groups as the batch: a call per group costs ~1 us of
+// dispatch, and a depthwise layer (hundreds of groups, tiny GEMMs) spent all its time there.
+
+// The tile's output, one matrix per group: (groups, K_g, pixels) in NCHW, (groups, pixels, K_g)
+// in NHWC.
+at::Tensor output_blocks(const at::Tensor& out, const Conv2dShape& s, const Tile& t, bool channels_last) {
   const int64_t kg = s.outputs_per_group();
   if (channels_last) {
     const int64_t first = (t.n0 * s.P + t.band.p0) * s.Q;
     const int64_t rows = (t.n1 - t.n0) * (t.band.p1 - t.band.p0) * s.Q;
-    return pixel_matrix(out, s).narrow(0, first, rows).narrow(1, g * kg, kg);
+    return pixel_matrix(out, s).narrow(0, first, rows).view({rows, s.groups, kg}).transpose(0, 1);
   }
-  return out[t.n0].view({s.K, s.P * s.Q}).narrow(0, g * kg, kg).narrow(
-      1, t.band.p0 * s.Q, (t.band.p1 - t.band.p0) * s.Q);
+  return out[t.n0].view({s.groups, kg, s.P * s.Q}).narrow(2, t.band.p0 * s.Q, (t.band.p1 - t.band.p0) * s.Q);
 }
 
-at::Tensor column_block(const at::Tensor& col, const Conv2dShape& s, int64_t g, bool channels_last) {
-  return channels_last ? col.narrow(1, g * col.size(1) / s.groups, col.size(1) / s.groups)
-                       : col.narrow(0, g * col.size(0) / s.groups, col.size(0) / s.groups);
+// The column matrix, one per group: (groups, taps of a group, pixels) in NCHW, (groups, pixels,
+// taps of a group) in NHWC.
+at::Tensor column_blocks(const at::Tensor& col, const Conv2dShape& s, bool channels_last) {
+  return channels_last ? col.view({col.size(0), s.groups, -1}).transpose(0, 1)
+                       : col.view({s.groups, -1, col.size(1)});
 }
 
 at::Tensor column_buffer(const at::Tensor& input, const Conv2dShape& s, const std::vector<Tile>& tiles) {
@@ -406,7 +410,6 @@ void conv2d_im2col_forward_blocks(const at::Tensor& input, const at::Tensor& wei
   const std::vector<Tile> tiles = plan_tiles(s, /*channels_last=*/false, sizeof(T), narrowest);
   at::Tensor buffer = column_buffer(input, s, tiles);
   PackedWeights packed(weight, s, /*channels_last=*/false);
-  const int64_t kg = s.outputs_per_group();
   for (const Tile& t : tiles) {
     if (t.band.r_lo == t.band.r_hi) continue;
     const int64_t rows = t.band.p1 - t.band.p0;
@@ -417,10 +420,7 @@ void conv2d_im2col_forward_blocks(const at::Tensor& input, const at::Tensor& wei
       im2col_nchw(input[t.n0].const_data_ptr<T>(), col.data_ptr<T>(), s, t.band, cb);
       const at::Tensor& w = packed.get(t.band, cb);
       at::Tensor block = out[t.n0].narrow(1, t.band.p0, rows).narrow(2, cb.p0, band_q);
-      for (int64_t g = 0; g < s.groups; ++g) {
-        at::Tensor scratch = at::mm(w[g], column_block(col, s, g, false));
-        block.narrow(0, g * kg, kg).add_(scratch.view({kg, rows, band_q}));
-      }
+      block.add_(at::bmm(w, column_blocks(col, s, false)).view({s.K, rows, band_q}));
     }
   }
 }
@@ -446,14 +446,12 @@ void conv2d_im2col_forward(const at::Tensor& input, const at::Tensor& weight, at
     if (t.band.r_lo == t.band.r_hi) continue;  // all padding: the output is the bias
     at::Tensor col = columns_for_tile<T>(input, buffer, s, t, channels_last);
     const at::Tensor& w = packed.get(t.band);
-    for (int64_t g = 0; g < s.groups; ++g) {
-      at::Tensor dst = output_block(out, s, t, g, channels_last);
-      at::Tensor cols = column_block(col, s, g, channels_last);
-      if (channels_last) {
-        dst.addmm_(cols, w[g].t());
-      } else {
-        dst.addmm_(w[g], cols);
-      }
+    at::Tensor dst = output_blocks(out, s, t, channels_last);
+    at::Tensor cols = column_blocks(col, s, channels_last);
+    if (channels_last) {
+      dst.baddbmm_(cols, w.transpose(1, 2));
+    } else {
+      dst.baddbmm_(w, cols);
     }
   }
 }
@@ -476,15 +474,12 @@ void conv2d_im2col_backward(const at::Tensor& grad_out, const at::Tensor& input,
         it = packed_grads.emplace(key, at::zeros({s.groups, s.outputs_per_group(), s.channels_per_group() * nr * s.S}, input.options())).first;
       }
       at::Tensor col = columns_for_tile<T>(input, buffer, s, t, channels_last);
-      for (int64_t g = 0; g < s.groups; ++g) {
-        at::Tensor go = output_block(grad_out, s, t, g, channels_last);
-        at::Tensor cols = column_block(col, s, g, channels_last);
-        at::Tensor dw = it->second[g];
-        if (channels_last) {
-          dw.addmm_(go.t(), cols);
-        } else {
-          dw.addmm_(go, cols.t());
-        }
+      at::Tensor go = output_blocks(grad_out, s, t, channels_last);
+      at::Tensor cols = column_blocks(col, s, channels_last);
+      if (channels_last) {
+        it->second.baddbmm_(go.transpose(1, 2), cols);
+      } else {
+        it->second.baddbmm_(go, cols.transpose(1, 2));
       }
     }
     if (grad_in.defined()) {
@@ -501,14 +496,12 @@ void conv2d_im2col_backward(const at::Tensor& grad_out, const at::Tensor& input,
       } else {
         col = buffer.narrow(0, 0, pixels * col_len).view({col_len, pixels});
       }
-      for (int64_t g = 0; g < s.groups; ++g) {
-        at::Tensor go = output_block(grad_out, s, t, g, channels_last);
-        at::Tensor cols = column_block(col, s, g, channels_last);
-        if (channels_last) {
-          at::mm_out(cols, go, w[g]);
-        } else {
-          at::mm_out(cols, w[g].t(), go);
-        }
+      at::Tensor go = output_blocks(grad_out, s, t, channels_last);
+      at::Tensor cols = column_blocks(col, s, channels_last);
+      if (channels_last) {
+        at::bmm_out(cols, go, w);
+      } else {
+        at::bmm_out(cols, w.transpose(1, 2), go);
       }
       if (!is_pointwise(s)) {
         if (channels_last) {
@@ -997,9 +990,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   const Conv2dShape s = conv2d_shape(input, weight, stride, padding, dilation, groups);
   check_conv2d_grad_output(grad_output, input, s);
   check_conv2d_algo(algo, {"auto", "direct", "im2col"}, "cpu");
-  // algo="auto" runs im2col for the backward pass whatever the forward ran: the direct backward
-  // loops have no register tiling, and im2col's GEMMs are faster for grouped layers too.
-  const bool use_im2col = algo != "direct";
+  // algo="auto" runs the backward pass with im2col whatever the forward ran (the direct backward
+  // loops have no register tiling, and im2col's GEMMs are faster for grouped layers too), except
+  // for depthwise layers: there each GEMM is one channel's, too small to pay for its column
+  // matrix, and the direct loops were 2-7x faster (MobileNetV2's depthwise layers, batch 1 and 8).
+  const bool use_im2col = algo == "im2col" || (algo == "auto" && s.channels_per_group() > 1);
   const at::MemoryFormat fmt = conv2d_memory_format(input);
   at::Tensor grad_in = output_mask[0] ? at::zeros_like(input, input.options().memory_format(fmt))
                                       : at::empty({0}, input.options());

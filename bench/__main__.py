@@ -1,7 +1,8 @@
 """`python -m bench` (what `make bench` runs): every bench_<op>.py on the best device present.
 
-Results go to <out>/<device-slug>.md and .csv (with a -quick / -channels-last suffix for those
-runs, so a smoke test never overwrites a full run). Exit status 1 if any row is not correct.
+Results go to <out>/<device-slug>.md and .csv (with a -quick, -channels-last or -backward
+suffix for those runs, so a smoke test never overwrites a full run). Exit status 1 if any row
+is not correct.
 """
 
 import argparse
@@ -77,6 +78,11 @@ def parse_args(argv, modules):
         "--channels-last", action="store_true", help="channels_last inputs for every provider"
     )
     parser.add_argument(
+        "--backward",
+        action="store_true",
+        help="time forward plus backward (grad input and weight) instead of the forward pass",
+    )
+    parser.add_argument(
         "--device", choices=("cpu", "cuda"), help="default: cuda if present, else cpu"
     )
     parser.add_argument(
@@ -110,6 +116,7 @@ def main(argv=None):
             batches=args.batches,
             quick=args.quick,
             channels_last=args.channels_last,
+            backward=args.backward,
         )
         cases += module_cases
         notes += module_notes
@@ -134,6 +141,7 @@ def main(argv=None):
     busy_warning = record_machine_load(env, result.others_cpu_pct)
 
     suffix = ("-quick" if args.quick else "") + ("-channels-last" if args.channels_last else "")
+    suffix += "-backward" if args.backward else ""
     suffix += "-partial" if result.interrupted else ""  # never overwrite a complete run's results
     md_path, csv_path = write_results(
         args.out, hardware.device_slug(env["device"]) + suffix, env, result.rows, result.wall_s

@@ -123,11 +123,23 @@ def usable_providers(device):
     return usable, skipped
 
 
+def with_backward(conv):
+    """Forward plus backward of conv(x, w): the gradients of input and weight for grad_output go,
+    flattened into one tensor so that one error check covers both."""
+
+    def run(x, w, go):
+        x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+        return torch.cat([g.flatten() for g in torch.autograd.grad(conv(x, w), (x, w), go)])
+
+    return run
+
+
 def _to_channels_last(args):
     return tuple(t.contiguous(memory_format=torch.channels_last) for t in args)
 
 
-def make_case(set_name, layer, batch, dtype, device, specs, channels_last):
+def make_case(set_name, layer, batch, dtype, device, specs, channels_last, backward=False):
+    """backward: time forward plus backward (grad input and grad weight) instead of forward."""
     n, c, h, k, r = batch, layer.c_in, layer.size, layer.c_out, layer.kernel
     p = output_size(layer)
     reduction = reduction_length(layer)
@@ -137,23 +149,31 @@ def make_case(set_name, layer, batch, dtype, device, specs, channels_last):
         x = torch.randn(n, c, h, h, generator=generator)
         # Weights at the scale of a trained layer's keep the outputs O(1) whatever the reduction.
         w = torch.randn(k, c // layer.groups, r, r, generator=generator) / math.sqrt(reduction)
-        args = (x.to(device, dtype), w.to(device, dtype))
+        args = (x, w, torch.randn(n, k, p, p, generator=generator)) if backward else (x, w)
+        args = tuple(t.to(device, dtype) for t in args)
         return _to_channels_last(args) if channels_last else args
 
-    def expected(args):
-        x, w = (t.double() for t in args)
+    def reference(x, w):
         return F.conv2d(x, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
 
+    def expected(args):
+        args = tuple(t.double() for t in args)
+        return with_backward(reference)(*args) if backward else reference(*args)
+
+    def call(spec):
+        return with_backward(conv_call(spec, layer)) if backward else conv_call(spec, layer)
+
     providers = tuple(
-        Provider(
-            spec.name, conv_call(spec, layer), _to_channels_last if spec.channels_last else None
-        )
+        Provider(spec.name, call(spec), _to_channels_last if spec.channels_last else None)
         for spec in specs
         if (spec.sets is None or set_name in spec.sets)
         and (not spec.depthwise_only or is_depthwise(layer))
     )
+    # Backward: grad input reduces over K/groups * R * S terms, grad weight over N * P * Q; the
+    # check takes the longer. Forward + both gradients is three convolutions' arithmetic.
+    grad_reduction = max((k // layer.groups) * r * r, n * p * p)
     return Case(
-        op=OP,
+        op=f"{OP} fwd+bwd" if backward else OP,
         set_name=set_name,
         layer=layer.name,
         batch=n,
@@ -174,10 +194,15 @@ def make_case(set_name, layer, batch, dtype, device, specs, channels_last):
         device=device,
         make_args=make_args,
         expected=expected,
-        error=partial(conv_error, reduction_length=reduction, device=device),
+        error=partial(
+            conv_error, reduction_length=grad_reduction if backward else reduction, device=device
+        ),
         providers=providers,
-        flops=conv_flops(layer, n),
-        min_bytes=torch.finfo(dtype).bits // 8 * (n * c * h * h + k * reduction + n * k * p * p),
+        flops=(3 if backward else 1) * conv_flops(layer, n),
+        # The fewest bytes of the forward pass; the backward pass has no such simple floor.
+        min_bytes=None
+        if backward
+        else torch.finfo(dtype).bits // 8 * (n * c * h * h + k * reduction + n * k * p * p),
     )
 
 
@@ -192,11 +217,19 @@ def conv_error(actual, expected, reduction_length, device):
 
 
 def build_cases(
-    device, *, sets=None, batches=None, quick=False, channels_last=False, stream=sys.stderr
+    device,
+    *,
+    sets=None,
+    batches=None,
+    quick=False,
+    channels_last=False,
+    backward=False,
+    stream=sys.stderr,
 ):
     """(the conv2d cases for `device`, notes for the results header).
 
     quick: batch 1 and the cheapest layer of each set, a smoke test of every path.
+    backward: time forward plus backward (grad input and weight) instead of the forward pass.
     """
     device = torch.device(device)
     specs, skipped = usable_providers(device)
@@ -222,6 +255,7 @@ def build_cases(
                             device,
                             specs,
                             channels_last,
+                            backward,
                         )
                     )
     return cases, notes

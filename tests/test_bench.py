@@ -106,3 +106,34 @@ def test_quick_run_writes_md_and_csv_with_every_row_correct(tmp_path):
     assert "git commit:" in md and "threads:" in md
     # Progress lines go to stderr, one per case.
     assert "[1/" in run.stderr
+
+
+def test_quick_backward_run_checks_and_times_both_gradients(tmp_path):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--backward",
+            "--device",
+            "cpu",
+            "--op",
+            "conv2d",
+            "--set",
+            "resnext50_grouped",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (csv_path,) = tmp_path.glob("*-quick-backward.csv")
+    lines = csv_path.read_text().splitlines()
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    assert {row["op"] for row in rows} == {"conv2d fwd+bwd"}
+    assert {row["provider"] for row in rows} >= {"torch", "cpu-im2col", "cpu-auto", "cpu-direct"}
+    assert all(row["correct"] == "yes" for row in rows), [r for r in rows if r["correct"] != "yes"]

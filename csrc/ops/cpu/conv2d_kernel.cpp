@@ -980,6 +980,26 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   return out;
 }
 
+// At stride 1, grad input is the correlation of grad output with the spatially flipped weight,
+// input and output channels exchanged within each group, padded by dilation * (R - 1) - padding.
+// For a grouped layer the direct forward kernel computes that 2-6x faster than im2col's backward
+// GEMMs and col2im (ResNeXt-50, MobileNetV2 depthwise).
+bool grad_input_is_a_forward_conv(const Conv2dShape& s) {
+  return s.groups > 1 && s.stride_h == 1 && s.stride_w == 1 &&
+         s.dilation_h * (s.R - 1) >= s.pad_h && s.dilation_w * (s.S - 1) >= s.pad_w;
+}
+
+at::Tensor grad_input_by_forward_conv(const at::Tensor& grad_output, const at::Tensor& weight,
+                                      const Conv2dShape& s, at::IntArrayRef dilation) {
+  const int64_t kg = s.outputs_per_group(), cg = s.channels_per_group();
+  const at::Tensor flipped = weight.view({s.groups, kg, cg, s.R, s.S})
+                                 .transpose(1, 2)
+                                 .flip({3, 4})
+                                 .reshape({s.C, kg, s.R, s.S});
+  const std::vector<int64_t> padding{s.dilation_h * (s.R - 1) - s.pad_h, s.dilation_w * (s.S - 1) - s.pad_w};
+  return conv2d_cpu(grad_output, flipped, std::nullopt, {1, 1}, padding, dilation, s.groups, "direct");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -996,6 +1016,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   // matrix, and the direct loops were 2-7x faster (MobileNetV2's depthwise layers, batch 1 and 8).
   const bool use_im2col = algo == "im2col" || (algo == "auto" && s.channels_per_group() > 1);
   const at::MemoryFormat fmt = conv2d_memory_format(input);
+  if (algo == "auto" && output_mask[0] && grad_input_is_a_forward_conv(s) && s.N > 0) {
+    // Grad input of a grouped stride-1 convolution is itself one: run it on the forward kernel.
+    at::Tensor grad_in = grad_input_by_forward_conv(grad_output, weight, s, dilation).contiguous(fmt);
+    auto [unused, grad_w, grad_b] = conv2d_backward_cpu(grad_output, input, weight, stride, padding,
+                                                        dilation, groups, algo,
+                                                        {false, output_mask[1], output_mask[2]});
+    return {grad_in, grad_w, grad_b};
+  }
   at::Tensor grad_in = output_mask[0] ? at::zeros_like(input, input.options().memory_format(fmt))
                                       : at::empty({0}, input.options());
   at::Tensor grad_w = output_mask[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous)

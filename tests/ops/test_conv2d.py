@@ -102,6 +102,26 @@ def test_autograd_only_where_a_gradient_can_flow():
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "c_in,c_out,stride,padding,dilation,size",
+    [(128, 128, 1, 1, 1, 7), (128, 256, 2, 1, 1, 9), (64, 64, 1, 2, 2, 8), (64, 128, 3, 0, 1, 11)],
+)
+def test_grouped_grad_weight_every_tile_shape(c_in, c_out, stride, padding, dilation, size, dtype):
+    """algo="auto" reduces a grouped grad weight in register tiles of 4 output channels x 6 taps
+    (1 x 12 when a group has fewer than 4 outputs) over the polyphase copies; 64 groups make it
+    run whatever the thread count, and odd tap counts leave remainders."""
+    groups = 64
+    x = torch.randn(3, c_in, size, size, dtype=dtype)
+    w = torch.randn(c_out, c_in // groups, 3, 3, dtype=dtype)
+    args = ([stride] * 2, [padding] * 2, [dilation] * 2, groups)
+    go = torch.randn_like(F.conv2d(x, w, None, *args))
+    _, gw, _ = torch.ops.cnnops._conv2d_backward(go, x, w, *args, "auto", [False, True, False])
+    x64, w64 = x.double(), w.double().requires_grad_()
+    (ref,) = torch.autograd.grad(F.conv2d(x64, w64, None, *args), w64, go.double())
+    assert_close_to_reference(gw, ref, 3 * go.shape[2] * go.shape[3], "grad_weight")
+
+
 def test_batch0_gradients_are_zero():
     x = torch.randn(0, 4, 9, 9, requires_grad=True)
     w = torch.randn(5, 4, 3, 3, requires_grad=True)

@@ -761,15 +761,20 @@ __attribute__((target("avx2,fma"))) void direct_forward_tasks_avx2(const DirectT
                                                                   int64_t begin, int64_t end) {
   direct_forward_tasks<float, kKB, 32>(a, begin, end);
 }
+
+// Whether this CPU runs the AVX-512 variants (compiled with exactly these features).
+bool cpu_has_avx512() {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  return avx512;
+}
 #endif
 
 template <int kKB>
 void direct_forward_tasks_f32(const DirectTasks& a, int64_t begin, int64_t end) {
 #ifdef CNNOPS_HAS_ISA_VARIANTS
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx512) return direct_forward_tasks_avx512<kKB>(a, begin, end);
+  if (cpu_has_avx512()) return direct_forward_tasks_avx512<kKB>(a, begin, end);
   if (avx2 && kKB <= 4) return direct_forward_tasks_avx2<kKB>(a, begin, end);  // 16 ymm registers
 #endif
   direct_forward_tasks<float, kKB, 32>(a, begin, end);
@@ -939,10 +944,8 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) void grad
 template <typename T, int kKB, int kT>
 void run_grad_weight(const GradWeightTasks& a, int64_t begin, int64_t end) {
 #ifdef CNNOPS_HAS_ISA_VARIANTS
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   if constexpr (std::is_same_v<T, float>) {
-    if (avx512) return grad_weight_tasks_avx512<kKB, kT>(a, begin, end);
+    if (cpu_has_avx512()) return grad_weight_tasks_avx512<kKB, kT>(a, begin, end);
   }
 #endif
   grad_weight_tasks<T, kKB, kT>(a, begin, end);
@@ -956,8 +959,7 @@ void run_grad_weight(const GradWeightTasks& a, int64_t begin, int64_t end) {
 // batch's input is 4x the output there. Restricting it to stride 1 measured worse on both sets.
 bool use_grouped_grad_weight(const Conv2dShape& s) {
 #ifdef CNNOPS_HAS_ISA_VARIANTS
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512 && s.groups >= 2 * at::get_num_threads();
+  return cpu_has_avx512() && s.groups >= 2 * at::get_num_threads();
 #else
   (void)s;
   return false;

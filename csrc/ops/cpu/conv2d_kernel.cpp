@@ -1156,41 +1156,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   const Conv2dShape s = conv2d_shape(input, weight, stride, padding, dilation, groups);
   check_conv2d_grad_output(grad_output, input, s);
   check_conv2d_algo(algo, {"auto", "direct", "im2col"}, "cpu");
-  // algo="auto" runs the backward pass with im2col whatever the forward ran (the direct backward
-  // loops have no register tiling, and im2col's GEMMs are faster for grouped layers too), except
-  // for depthwise layers: there each GEMM is one channel's, too small to pay for its column
-  // matrix, and the direct loops were 2-7x faster (MobileNetV2's depthwise layers, batch 1 and 8).
-  const bool use_im2col = algo == "im2col" || (algo == "auto" && s.channels_per_group() > 1);
+  // algo="auto" chooses per gradient. A grouped layer's grad input at stride 1 runs on the direct
+  // forward kernel and its grad weight on the grouped register tiles, where those serve. The
+  // rest goes through im2col, except for depthwise layers: there each GEMM is one channel's, too
+  // small to pay for its column matrix, and the direct loops were 2-7x faster.
+  const bool by_default = algo == "auto";
+  const bool grad_in_by_forward = by_default && output_mask[0] && grad_input_is_a_forward_conv(s);
+  const bool grad_w_by_tiles = by_default && output_mask[1] && use_grouped_grad_weight(s);
+  const bool use_im2col = algo == "im2col" || (by_default && s.channels_per_group() > 1);
+  const bool rest_of_grad_in = output_mask[0] && !grad_in_by_forward;
+  const bool rest_of_grad_w = output_mask[1] && !grad_w_by_tiles;
   const at::MemoryFormat fmt = conv2d_memory_format(input);
-  if (algo == "auto" && output_mask[0] && grad_input_is_a_forward_conv(s) && s.N > 0) {
-    // Grad input of a grouped stride-1 convolution is itself one: run it on the forward kernel.
-    at::Tensor grad_in = grad_input_by_forward_conv(grad_output, weight, s, dilation).contiguous(fmt);
-    auto [unused, grad_w, grad_b] = conv2d_backward_cpu(grad_output, input, weight, stride, padding,
-                                                        dilation, groups, algo,
-                                                        {false, output_mask[1], output_mask[2]});
-    return {grad_in, grad_w, grad_b};
-  }
-  at::Tensor grad_in = output_mask[0] ? at::zeros_like(input, input.options().memory_format(fmt))
-                                      : at::empty({0}, input.options());
+  at::Tensor grad_in = !output_mask[0] ? at::empty({0}, input.options())
+                       : grad_in_by_forward && s.N > 0
+                           ? grad_input_by_forward_conv(grad_output, weight, s, dilation).contiguous(fmt)
+                           : at::zeros_like(input, input.options().memory_format(fmt));
   at::Tensor grad_w = output_mask[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
                                      : at::empty({0}, input.options());
   at::Tensor grad_b = output_mask[2] ? at::zeros({s.K}, input.options()) : at::empty({0}, input.options());
   if (s.N == 0) return {grad_in, grad_w, grad_b};
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_backward_cpu", [&] {
+    if (grad_w_by_tiles) {
+      conv2d_grouped_grad_weight<scalar_t>(grad_output.contiguous(), input.contiguous(), grad_w, s);
+    }
     if (use_im2col) {
       const at::MemoryFormat work = im2col_work_format(s, fmt);
       const bool work_channels_last = work == at::MemoryFormat::ChannelsLast;
       const at::Tensor go = grad_output.contiguous(work);
       at::Tensor gi;
-      if (output_mask[0]) {
+      if (rest_of_grad_in) {
         gi = work == fmt ? grad_in : at::zeros_like(grad_in, grad_in.options().memory_format(work));
       }
-      at::Tensor gw = output_mask[1] ? grad_w : at::Tensor();
-      if (gw.defined() && algo == "auto" && use_grouped_grad_weight(s)) {
-        conv2d_grouped_grad_weight<scalar_t>(grad_output.contiguous(), input.contiguous(), grad_w, s);
-        gw = at::Tensor();
-      }
+      at::Tensor gw = rest_of_grad_w ? grad_w : at::Tensor();
       if (gi.defined() || gw.defined()) {
         conv2d_im2col_backward<scalar_t>(go, input.contiguous(work), weight.contiguous(), gi, gw, s,
                                          work_channels_last);
@@ -1199,16 +1197,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       if (output_mask[2]) conv2d_grad_bias<scalar_t>(go, grad_b, s, work_channels_last);
     } else {
       const at::Tensor go = grad_output.contiguous();
-      if (output_mask[0]) {
+      if (rest_of_grad_in) {
         at::Tensor gi = grad_in.contiguous();
         conv2d_direct_grad_input<scalar_t>(go.const_data_ptr<scalar_t>(),
                                            weight.contiguous().const_data_ptr<scalar_t>(),
                                            gi.data_ptr<scalar_t>(), s);
         if (!gi.is_same(grad_in)) grad_in.copy_(gi);
       }
-      if (output_mask[1] && algo == "auto" && use_grouped_grad_weight(s)) {
-        conv2d_grouped_grad_weight<scalar_t>(go, input.contiguous(), grad_w, s);
-      } else if (output_mask[1]) {
+      if (rest_of_grad_w) {
         conv2d_direct_grad_weight<scalar_t>(go.const_data_ptr<scalar_t>(),
                                             input.contiguous().const_data_ptr<scalar_t>(),
                                             grad_w.data_ptr<scalar_t>(), s);

@@ -64,26 +64,22 @@ def test_a_fast_wrong_provider_is_marked_not_correct():
     assert rows["broken"]["correct"] == "error" and "IndexError" in rows["broken"]["error_message"]
 
 
-def test_quick_run_writes_md_and_csv_with_every_row_correct(tmp_path):
+def run_quick_bench(tmp_path, *extra):
+    """`python -m bench --quick` on the CPU into tmp_path; returns the finished process."""
+    command = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--op", "conv2d"]
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--device",
-            "cpu",
-            "--op",
-            "conv2d",
-            "--out",
-            str(tmp_path),
-        ],
+        [*command, *extra, "--out", str(tmp_path)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def test_quick_run_writes_md_and_csv_with_every_row_correct(tmp_path):
+    run = run_quick_bench(tmp_path)
     (csv_path,) = tmp_path.glob("*-quick.csv")
     (md_path,) = tmp_path.glob("*-quick.md")
 
@@ -109,28 +105,7 @@ def test_quick_run_writes_md_and_csv_with_every_row_correct(tmp_path):
 
 
 def test_quick_backward_run_checks_and_times_both_gradients(tmp_path):
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--backward",
-            "--device",
-            "cpu",
-            "--op",
-            "conv2d",
-            "--set",
-            "resnext50_grouped",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_quick_bench(tmp_path, "--backward", "--set", "resnext50_grouped")
     (csv_path,) = tmp_path.glob("*-quick-backward.csv")
     lines = csv_path.read_text().splitlines()
     rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))

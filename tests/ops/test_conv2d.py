@@ -380,76 +380,33 @@ def test_bad_input_raises_clear_error(call, error, message):
         call()
 
 
+def raw_args(x_shape, w_shape, stride=(1, 1), algo="direct", dtype=torch.float32):
+    """Arguments of torch.ops.cnnops.conv2d: no bias, no padding, dilation 1, groups 1."""
+    x, w = torch.randn(x_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
+    return (x, w, None, list(stride), [0, 0], [1, 1], 1, algo)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         pytest.param(
-            (
-                torch.randn(2, 4, 9, 9),
-                torch.randn(6, 3, 3, 3),
-                None,
-                [1, 1],
-                [0, 0],
-                [1, 1],
-                1,
-                "im2col",
-            ),
-            "weight.size(1)",
-            id="channels",
+            raw_args((2, 4, 9, 9), (6, 3, 3, 3), algo="im2col"), "weight.size(1)", id="channels"
         ),
         pytest.param(
-            (
-                torch.randn(2, 4, 9, 9),
-                torch.randn(6, 4, 3, 3),
-                None,
-                [0, 1],
-                [0, 0],
-                [1, 1],
-                1,
-                "direct",
-            ),
-            "stride must be >= 1",
-            id="stride",
+            raw_args((2, 4, 9, 9), (6, 4, 3, 3), stride=(0, 1)), "stride must be >= 1", id="stride"
         ),
         pytest.param(
-            (
-                torch.randn(2, 4, 9, 9),
-                torch.randn(6, 4, 3, 3),
-                None,
-                [1, 1],
-                [0, 0],
-                [1, 1],
-                1,
-                "fft",
-            ),
+            raw_args((2, 4, 9, 9), (6, 4, 3, 3), algo="fft"),
             "algo 'fft' is not available",
             id="algo",
         ),
         pytest.param(
-            (
-                torch.randn(2, 4, 2, 2),
-                torch.randn(6, 4, 3, 3),
-                None,
-                [1, 1],
-                [0, 0],
-                [1, 1],
-                1,
-                "direct",
-            ),
+            raw_args((2, 4, 2, 2), (6, 4, 3, 3)),
             "larger than the padded input",
             id="kernel-too-large",
         ),
         pytest.param(
-            (
-                torch.randn(2, 4, 9, 9).half(),
-                torch.randn(6, 4, 3, 3).half(),
-                None,
-                [1, 1],
-                [0, 0],
-                [1, 1],
-                1,
-                "direct",
-            ),
+            raw_args((2, 4, 9, 9), (6, 4, 3, 3), dtype=torch.half),
             "float32 or float64",
             id="half-on-cpu",
         ),

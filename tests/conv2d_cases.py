@@ -51,6 +51,7 @@ CASES = [
     case(1, 4, 9, 9, 4, 3, padding=6, dilation=4, id="all-padding-rows"),
     case(1, 3, 4, 4, 2, 3, padding=(0, 8), dilation=(1, 3), id="column-bands-all-padding"),
     case(2, 8, 12, 12, 6, 3, padding=10, dilation=10, groups=2, id="aspp-blocks-grouped"),
+    case(2, 5, 21, 21, 4, 3, padding=12, dilation=12, id="aspp-blocks-dense"),
 ]
 
 LAYOUTS = ["nchw", "channels_last", "non_contiguous"]

@@ -84,6 +84,27 @@ def test_direct_forward_every_row_width(stride, padding, dtype):
         assert_close_to_reference(out, ref, 2 * 9, f"output (width {width})")
 
 
+@pytest.mark.parametrize(
+    "shape,k,stride,padding,dilation,dtype",
+    [
+        ((2, 4, 520, 520), 2, 1, 1, 1, torch.float32),  # tiles of whole rows, several per sample
+        ((1, 4, 1030, 1030), 3, 2, 1, 1, torch.float32),  # strided taps
+        ((1, 3, 400, 400), 2, 1, 2, 2, torch.float64),  # dilated; float64's larger elements
+        ((1, 8, 32, 4200), 2, 1, 1, 1, torch.float32),  # one row is wider than a tile
+    ],
+)
+def test_im2col_forward_in_cache_tiles(shape, k, stride, padding, dilation, dtype):
+    """A dense NCHW forward whose column matrix would exceed the 32 MB column buffer runs in
+    cache-sized tiles (conv2d_im2col_forward_tiled). The named cases are too small to reach it,
+    except through 2-D padding blocks ("aspp-blocks-dense"); these are just large enough."""
+    x = torch.randn(shape, dtype=dtype)
+    w = torch.randn(k, shape[1], 3, 3, dtype=dtype)
+    b = torch.randn(k, dtype=dtype)
+    out = cnnops.conv2d(x, w, b, stride, padding, dilation, algo="im2col")
+    ref = F.conv2d(x.double(), w.double(), b.double(), stride, padding, dilation)
+    assert_close_to_reference(out, ref, shape[1] * 9)
+
+
 def test_autograd_only_where_a_gradient_can_flow():
     """Calls that need no gradient skip the autograd kernel; those that do get a grad_fn."""
     x, w, b = make_problem(CASES[2].values[0], torch.float32)

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <map>
 #include <tuple>
@@ -127,12 +128,51 @@ void unpack_weight_grad(const at::Tensor& packed, at::Tensor& grad_weight, const
   }
 }
 
+// Row copies for im2col and the direct algorithm's polyphase build. Rows are short (7 to 65
+// columns in the benchmark layers), and there are many: a memcpy call or a scalar loop per row
+// cost as much as the convolution itself for ResNeXt's stride-2 layers, and a fifth of a tiled
+// ASPP forward. These copy a row with a few vectors of the widest size that fits in it, the
+// last one aligned to the row's end (an overlap rewrites the same values). GCC's vector types
+// are ISA-neutral, so this inlines into every instruction-set variant of the kernel.
+template <typename T, int kBytes>
+struct Vector {
+  typedef T type __attribute__((vector_size(kBytes)));
+};
+
+template <typename T, int kBytes>
+__attribute__((always_inline)) inline void copy_with_vectors(const T* src, T* dst, int64_t n) {
+  constexpr int64_t kLanes = kBytes / sizeof(T);
+  for (int64_t x = 0; x < n; x += kLanes) {
+    const int64_t at = std::min(x, n - kLanes);
+    typename Vector<T, kBytes>::type v;
+    std::memcpy(&v, src + at, kBytes);
+    std::memcpy(dst + at, &v, kBytes);
+  }
+}
+
+// kMaxBytes: the widest vector to use. Code compiled for the baseline ISA (im2col) passes 16:
+// wider GCC vectors there are emulated through the stack.
+template <typename T, int kMaxBytes = 64>
+__attribute__((always_inline)) inline void copy_row(const T* src, T* dst, int64_t n) {
+  if (kMaxBytes >= 64 && n * int64_t{sizeof(T)} >= 64) {
+    copy_with_vectors<T, 64>(src, dst, n);
+  } else if (kMaxBytes >= 32 && n * int64_t{sizeof(T)} >= 32) {
+    copy_with_vectors<T, 32>(src, dst, n);
+  } else if (n * int64_t{sizeof(T)} >= 16) {
+    copy_with_vectors<T, 16>(src, dst, n);
+  } else {
+    for (int64_t x = 0; x < n; ++x) dst[x] = src[x];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // im2col / col2im, NCHW: column matrix (C * nr * ns) x (band rows * band columns) for one
 // sample, where the column band `cb` is a row band of the transposed problem (see
 // plan_column_bands): output columns [cb.p0, cb.p1) and kernel columns [cb.r_lo, cb.r_hi).
 
 RowBand all_columns(const Conv2dShape& s) { return {0, s.Q, 0, s.S}; }
+
+constexpr int64_t kIm2colPrefetchChannels = 4;
 
 template <typename T>
 void im2col_nchw(const T* in, T* col, const Conv2dShape& s, const RowBand& b, const RowBand& cb) {
@@ -155,9 +195,17 @@ void im2col_nchw(const T* in, T* col, const Conv2dShape& s, const RowBand& b, co
           continue;
         }
         const T* src = in + (c * s.H + h) * s.W + w0;
+        if (c + kIm2colPrefetchChannels < s.C) {
+          // The same row a few channels on: each channel's rows sit in their own page, where the
+          // hardware prefetcher starts cold, and im2col of a large input waited on every miss.
+          const char* ahead = reinterpret_cast<const char*>(src + kIm2colPrefetchChannels * s.H * s.W);
+          const int64_t first = q_lo * s.stride_w * int64_t{sizeof(T)};
+          const int64_t last = (q_hi - 1) * s.stride_w * int64_t{sizeof(T)};
+          for (int64_t at = first; at <= last; at += 64) __builtin_prefetch(ahead + at);
+        }
         std::fill(dst + cb.p0, dst + q_lo, T(0));
         if (s.stride_w == 1) {
-          std::memcpy(dst + q_lo, src + q_lo, (q_hi - q_lo) * sizeof(T));
+          copy_row<T, 16>(src + q_lo, dst + q_lo, q_hi - q_lo);
         } else {
           for (int64_t q = q_lo; q < q_hi; ++q) dst[q] = src[q * s.stride_w];
         }
@@ -425,16 +473,94 @@ void conv2d_im2col_forward_blocks(const at::Tensor& input, const at::Tensor& wei
   }
 }
 
+// NCHW forward of a dense convolution in cache-sized tiles, for problems whose column matrix is
+// too large for the cache (DeepLab's 65 x 65 layers: 39 MB per sample at 256 channels, 311 MB for
+// ASPP's 2048). A tile is a few output rows of one sample's 2-D block (row band x column band,
+// each with one set of taps that read the input). For each chunk of input channels and each of
+// its valid taps, the thread that owns the tile builds that tap's columns (channels x tile
+// pixels, sized for L2) and adds their product with the tap's weights into the tile's output.
+// Nothing the size of the column matrix goes through memory, a chunk's input rows are read once
+// for the kernel row's taps, and the GEMMs run one per core on data already in its cache.
+// Measured on ASPP at batch 1 (2 threads, same process): 1.25x the GEMM path at dilation 12,
+// 1.5x at 24, 1.4x at 36 (where the GEMM path already skipped column padding in blocks); equal
+// on the dense dilation-2/4 layers. Smaller problems keep the GEMM path: a 14 x 14 layer is one
+// or two tiles, too few for the threads, and its GEMMs are too small to run one per core.
+constexpr int64_t kTilePixels = 2048;
+constexpr int64_t kTileChannels = 256;
+
+template <typename T>
+void conv2d_im2col_forward_tiled(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out,
+                                 const Conv2dShape& s, const std::vector<RowBand>& column_bands) {
+  struct Task {
+    int64_t n;
+    RowBand rows, cols;
+  };
+  std::vector<Task> tasks;
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (const RowBand& b : plan_row_bands(s, s.P)) {
+      if (b.r_lo == b.r_hi) continue;  // all padding: the output is the bias
+      for (const RowBand& cb : column_bands) {
+        if (cb.r_lo == cb.r_hi) continue;
+        const int64_t band_q = cb.p1 - cb.p0, step = std::max<int64_t>(1, kTilePixels / band_q);
+        for (int64_t p = b.p0; p < b.p1; p += step) {
+          tasks.push_back({n, {p, std::min(b.p1, p + step), b.r_lo, b.r_hi}, cb});
+        }
+      }
+    }
+  }
+  // Weights as (K, R, S, C): a tap's chunk of channels is then one slice of columns.
+  const at::Tensor w = weight.permute({0, 2, 3, 1}).contiguous().view({s.K, s.R * s.S * s.C});
+  const int64_t chunk_c = std::min(s.C, kTileChannels);
+  int64_t widest = 0;  // pixels of the largest tile
+  for (const Task& t : tasks) widest = std::max(widest, (t.rows.p1 - t.rows.p0) * (t.cols.p1 - t.cols.p0));
+  // Tiles differ in cost (a corner block has 4 taps, the centre 9): threads take the next tile
+  // from a shared counter rather than a fixed share.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    at::Tensor col = at::empty({chunk_c * widest}, input.options());
+    at::Tensor scratch = at::empty({s.K * widest}, input.options());
+    Conv2dShape chunk_shape = s;
+    for (int64_t i = next++; i < static_cast<int64_t>(tasks.size()); i = next++) {
+      const Task& t = tasks[i];
+      const int64_t rows = t.rows.p1 - t.rows.p0, band_q = t.cols.p1 - t.cols.p0, pixels = rows * band_q;
+      at::Tensor block = out[t.n].narrow(1, t.rows.p0, rows).narrow(2, t.cols.p0, band_q);
+      // Full-width rows are one (K x pixels) matrix of the output: the GEMMs add into it there.
+      const bool in_place = band_q == s.Q;
+      at::Tensor target = in_place ? out[t.n].view({s.K, s.P * s.Q}).narrow(1, t.rows.p0 * s.Q, pixels)
+                                   : scratch.narrow(0, 0, s.K * pixels).view({s.K, pixels}).zero_();
+      const T* in = input.const_data_ptr<T>() + t.n * s.C * s.H * s.W;
+      for (int64_t c0 = 0; c0 < s.C; c0 += chunk_c) {
+        chunk_shape.C = std::min(chunk_c, s.C - c0);
+        for (int64_t r = t.rows.r_lo; r < t.rows.r_hi; ++r) {
+          for (int64_t tap_s = t.cols.r_lo; tap_s < t.cols.r_hi; ++tap_s) {
+            at::Tensor c = col.narrow(0, 0, chunk_shape.C * pixels).view({chunk_shape.C, pixels});
+            im2col_nchw(in + c0 * s.H * s.W, c.data_ptr<T>(), chunk_shape, {t.rows.p0, t.rows.p1, r, r + 1},
+                        {t.cols.p0, t.cols.p1, tap_s, tap_s + 1});
+            target.addmm_(w.narrow(1, (r * s.S + tap_s) * s.C + c0, chunk_shape.C), c);
+          }
+        }
+      }
+      if (!in_place) block.add_(target.view({s.K, rows, band_q}));
+    }
+  });
+}
+
 template <typename T>
 void conv2d_im2col_forward(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out,
                            const Conv2dShape& s, bool channels_last) {
-  if (!channels_last) {
+  if (!channels_last && !is_pointwise(s)) {
     const std::vector<RowBand> column_bands = plan_row_bands(transposed(s), s.Q);
     int64_t column_taps = 0;  // kernel columns summed over output columns, padding skipped
     for (const RowBand& cb : column_bands) column_taps += (cb.p1 - cb.p0) * (cb.r_hi - cb.r_lo);
-    // The blocks' scratch tiles and narrower GEMMs cost more than they save unless they skip
-    // at least a third of the work (measured: ASPP at dilation 36 gains, at 12 loses).
-    if (3 * column_taps <= 2 * s.Q * s.S) {
+    // Blocks pay for their narrower GEMMs only when they skip at least a third of the work
+    // (measured on the GEMM path: ASPP at dilation 36 gains, at 12 loses).
+    const bool skips_columns = 3 * column_taps <= 2 * s.Q * s.S;
+    const bool large = s.C * s.R * s.S * s.P * s.Q * int64_t{sizeof(T)} > kColumnBufferBytes;
+    if (s.groups == 1 && (large || skips_columns)) {
+      conv2d_im2col_forward_tiled<T>(input, weight, out, s, column_bands);
+      return;
+    }
+    if (skips_columns) {
       conv2d_im2col_forward_blocks<T>(input, weight, out, s, column_bands);
       return;
     }
@@ -548,40 +674,6 @@ DirectPlan plan_direct(const Conv2dShape& s) {
   d.phase_rows = d.Hph + (kMaxJB + d.Wph - 1) / d.Wph + 1;
   d.channel_stride = s.stride_h * s.stride_w * d.phase_rows * d.Wph;
   return d;
-}
-
-// Row copies of the polyphase build. Rows are short (7 to 56 columns in ResNeXt), and there are
-// many: a memcpy call or a scalar loop per row cost as much as the convolution itself for the
-// stride-2 layers. These copy a row with a few vectors of the widest size that fits in it, the
-// last one aligned to the row's end (an overlap rewrites the same values). GCC's vector types
-// are ISA-neutral, so this inlines into every instruction-set variant of the kernel.
-template <typename T, int kBytes>
-struct Vector {
-  typedef T type __attribute__((vector_size(kBytes)));
-};
-
-template <typename T, int kBytes>
-__attribute__((always_inline)) inline void copy_with_vectors(const T* src, T* dst, int64_t n) {
-  constexpr int64_t kLanes = kBytes / sizeof(T);
-  for (int64_t x = 0; x < n; x += kLanes) {
-    const int64_t at = std::min(x, n - kLanes);
-    typename Vector<T, kBytes>::type v;
-    std::memcpy(&v, src + at, kBytes);
-    std::memcpy(dst + at, &v, kBytes);
-  }
-}
-
-template <typename T>
-__attribute__((always_inline)) inline void copy_row(const T* src, T* dst, int64_t n) {
-  if (n * int64_t{sizeof(T)} >= 64) {
-    copy_with_vectors<T, 64>(src, dst, n);
-  } else if (n * int64_t{sizeof(T)} >= 32) {
-    copy_with_vectors<T, 32>(src, dst, n);
-  } else if (n * int64_t{sizeof(T)} >= 16) {
-    copy_with_vectors<T, 16>(src, dst, n);
-  } else {
-    for (int64_t x = 0; x < n; ++x) dst[x] = src[x];
-  }
 }
 
 // even[k] = src[2k], odd[k] = src[2k + 1] for 2k (+ 1) < n: the two column phases of stride 2.

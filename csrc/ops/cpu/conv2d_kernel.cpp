@@ -495,16 +495,38 @@ void conv2d_im2col_forward_tiled(const at::Tensor& input, const at::Tensor& weig
     int64_t n;
     RowBand rows, cols;
   };
+  // Blocks of one sample, and how many tiles each splits into.
+  std::vector<std::pair<RowBand, RowBand>> blocks;
+  std::vector<int64_t> splits;
+  int64_t tiles = 0;
+  for (const RowBand& b : plan_row_bands(s, s.P)) {
+    if (b.r_lo == b.r_hi) continue;  // all padding: the output is the bias
+    for (const RowBand& cb : column_bands) {
+      if (cb.r_lo == cb.r_hi) continue;
+      blocks.emplace_back(b, cb);
+      const int64_t band_q = cb.p1 - cb.p0, rows = b.p1 - b.p0;
+      splits.push_back(std::min(rows, (rows * band_q + kTilePixels - 1) / kTilePixels));
+      tiles += s.N * splits.back();
+    }
+  }
+  // A few large tiles leave a thread idle at the end (65 rows as tiles of 31, 31 and 3 rows run
+  // as 34 rows on one of two threads): then each block splits into a multiple of the threads.
+  const int64_t threads = at::get_num_threads();
+  if (tiles < 4 * threads) {
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const int64_t rows = blocks[i].first.p1 - blocks[i].first.p0;
+      splits[i] = std::min(rows, (splits[i] + threads - 1) / threads * threads);
+    }
+  }
   std::vector<Task> tasks;
   for (int64_t n = 0; n < s.N; ++n) {
-    for (const RowBand& b : plan_row_bands(s, s.P)) {
-      if (b.r_lo == b.r_hi) continue;  // all padding: the output is the bias
-      for (const RowBand& cb : column_bands) {
-        if (cb.r_lo == cb.r_hi) continue;
-        const int64_t band_q = cb.p1 - cb.p0, step = std::max<int64_t>(1, kTilePixels / band_q);
-        for (int64_t p = b.p0; p < b.p1; p += step) {
-          tasks.push_back({n, {p, std::min(b.p1, p + step), b.r_lo, b.r_hi}, cb});
-        }
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const RowBand& b = blocks[i].first;
+      // Rows split evenly: tiles differ by at most one row.
+      for (int64_t part = 0; part < splits[i]; ++part) {
+        const int64_t p0 = b.p0 + (b.p1 - b.p0) * part / splits[i];
+        const int64_t p1 = b.p0 + (b.p1 - b.p0) * (part + 1) / splits[i];
+        tasks.push_back({n, {p0, p1, b.r_lo, b.r_hi}, blocks[i].second});
       }
     }
   }

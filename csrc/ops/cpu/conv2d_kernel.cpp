@@ -796,10 +796,12 @@ __attribute__((always_inline)) inline void build_group_phases(const T* in, T* ph
 }
 
 // Register tile: kKB output channels x kJB wide positions, accumulated over every tap of the group.
+// Each tap also prefetches the next line of [prefetch, prefetch_end), the next task's input.
 template <typename T, int kKB, int kJB>
 __attribute__((always_inline)) inline void direct_tile(const T* group_phases, const int64_t* tap_offsets,
                                                        const T* weight, int64_t taps, int64_t j0,
-                                                       const T* bias, T* wide) {
+                                                       const T* bias, T* wide, const char*& prefetch,
+                                                       const char* prefetch_end) {
   typedef T vec __attribute__((vector_size(64)));
   constexpr int kLanes = 64 / sizeof(T), kVecs = kJB / kLanes;
   vec acc[kKB][kVecs];
@@ -807,6 +809,10 @@ __attribute__((always_inline)) inline void direct_tile(const T* group_phases, co
     for (int v = 0; v < kVecs; ++v) acc[kb][v] = vec{} + (bias ? bias[kb] : T(0));
   }
   for (int64_t t = 0; t < taps; ++t) {
+    if (prefetch < prefetch_end) {
+      __builtin_prefetch(prefetch, 0, 2);
+      prefetch += 64;
+    }
     const T* src = group_phases + tap_offsets[t] + j0;
     vec x[kVecs];
     for (int v = 0; v < kVecs; ++v) std::memcpy(&x[v], src + v * kLanes, sizeof(vec));
@@ -819,6 +825,8 @@ __attribute__((always_inline)) inline void direct_tile(const T* group_phases, co
     for (int v = 0; v < kVecs; ++v) std::memcpy(wide + kb * kJB + v * kLanes, &acc[kb][v], sizeof(vec));
   }
 }
+
+constexpr int64_t kPrefetchInputBytes = int64_t{32} << 10;
 
 struct DirectTasks {
   const void* input;     // NCHW-contiguous
@@ -850,13 +858,24 @@ __attribute__((always_inline)) inline void direct_forward_tasks(const DirectTask
     if (b_lo >= b_hi) continue;
     build_group_phases(static_cast<const T*>(a.input) + (n * s.C + g * cg) * s.H * s.W, phases.data(),
                        cg, s, d);
+    // The next task's input, when it is another group's and large (ResNeXt's early layers: 50 to
+    // 100 KB), is prefetched into L2 a line per tap while this one computes: 1.13x at layer1.0 and
+    // 1.06x at layer3.0 at batch 8. Small inputs gain nothing, as the hardware prefetcher keeps up.
+    const char* prefetch = nullptr;
+    const char* prefetch_end = nullptr;
+    const int64_t next_ng = (task + 1) / a.chunks;
+    if (cg * s.H * s.W * int64_t{sizeof(T)} >= kPrefetchInputBytes && task + 1 < end && next_ng != ng) {
+      prefetch = reinterpret_cast<const char*>(static_cast<const T*>(a.input) +
+                                               ((next_ng / s.groups) * s.C + (next_ng % s.groups) * cg) * s.H * s.W);
+      prefetch_end = prefetch + cg * s.H * s.W * int64_t{sizeof(T)};
+    }
     for (int64_t blk = b_lo; blk < b_hi; ++blk) {
       const int64_t k0 = g * kg + blk * kKB;
       const T* w = static_cast<const T*>(a.weight) + k0 * taps;
       const T* bias = a.bias ? static_cast<const T*>(a.bias) + k0 : nullptr;
       T* out = static_cast<T*>(a.out) + (n * s.K + k0) * s.P * s.Q;
       for (int64_t j0 = 0; j0 < s.P * d.Wph; j0 += kJB) {
-        direct_tile<T, kKB, kJB>(phases.data(), a.tap_offsets, w, taps, j0, bias, tile);
+        direct_tile<T, kKB, kJB>(phases.data(), a.tap_offsets, w, taps, j0, bias, tile, prefetch, prefetch_end);
         // Copy the tile's wide positions j = p * Wph + q back to output rows, one run per output
         // row it touches, dropping the columns q >= Q.
         const int64_t stop = std::min<int64_t>(j0 + kJB, s.P * d.Wph);

@@ -70,13 +70,17 @@ def test_float64_matches_torch_tightly(algo):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("stride,padding", [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2), (3, 1)])
-def test_direct_forward_every_row_width(stride, padding, dtype):
+@pytest.mark.parametrize("outputs_per_group", [2, 8])
+def test_direct_forward_every_row_width(outputs_per_group, stride, padding, dtype):
     """The direct forward copies input rows with vectors of the widest size that fits each row,
     the last aligned to the row's end; stride 2 splits even and odd columns. Widths around every
-    vector size (and odd ones, whose last column the split handles apart) must all be right."""
+    vector size (and odd ones, whose last column the split handles apart) must all be right.
+    The widths also end the output planes in tails of every size: with 8 outputs per group the
+    AVX-512 kernel runs 32- or 48-wide tiles and covers a plane's tail with a 16-, 32- or 48-wide
+    one."""
     for width in (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 34, 63, 64, 65, 66, 97):
         x = torch.randn(2, 4, 5, width, dtype=dtype)
-        w = torch.randn(4, 2, 3, 3, dtype=dtype)
+        w = torch.randn(2 * outputs_per_group, 2, 3, 3, dtype=dtype)
         if (width + 2 * padding - 3) // stride + 1 < 1:
             continue
         out = cnnops.conv2d(x, w, None, stride, padding, 1, 2, algo="direct")

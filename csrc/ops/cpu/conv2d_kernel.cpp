@@ -545,7 +545,6 @@ void conv2d_im2col_forward_tiled(const at::Tensor& input, const at::Tensor& weig
     for (int64_t i = next++; i < static_cast<int64_t>(tasks.size()); i = next++) {
       const Task& t = tasks[i];
       const int64_t rows = t.rows.p1 - t.rows.p0, band_q = t.cols.p1 - t.cols.p0, pixels = rows * band_q;
-      at::Tensor block = out[t.n].narrow(1, t.rows.p0, rows).narrow(2, t.cols.p0, band_q);
       // Full-width rows are one (K x pixels) matrix of the output: the GEMMs add into it there.
       const bool in_place = band_q == s.Q;
       at::Tensor target = in_place ? out[t.n].view({s.K, s.P * s.Q}).narrow(1, t.rows.p0 * s.Q, pixels)
@@ -562,7 +561,9 @@ void conv2d_im2col_forward_tiled(const at::Tensor& input, const at::Tensor& weig
           }
         }
       }
-      if (!in_place) block.add_(target.view({s.K, rows, band_q}));
+      if (!in_place) {
+        out[t.n].narrow(1, t.rows.p0, rows).narrow(2, t.cols.p0, band_q).add_(target.view({s.K, rows, band_q}));
+      }
     }
   });
 }

@@ -739,6 +739,15 @@ __attribute__((always_inline)) inline void split_even_odd(const T* src, T* even,
   }
 }
 
+// Coordinates [lo, hi) of phase `phase` (of `phase_size`) along one padded dimension that hold
+// input pixels: i * stride + phase - pad in [0, in). A phase reads like a kernel tap of
+// dilation 1, so the tap bounds serve.
+std::pair<int64_t, int64_t> phase_range(int64_t phase, int64_t in, int64_t phase_size, int64_t stride,
+                                        int64_t pad) {
+  const int64_t lo = std::min(phase_size, conv_first_valid_output(phase, stride, pad, 1));
+  return {lo, std::max(lo, conv_last_valid_output(phase, in, phase_size, stride, pad, 1))};
+}
+
 // Writes the polyphase copy of `channels` input planes into a buffer that was zero-filled once:
 // padding and slack are zeros at fixed places, so only the input pixels are copied, every time
 // to the same places. It runs inside each task, on the task's own group, so the copy stays in
@@ -749,10 +758,7 @@ __attribute__((always_inline)) inline void build_group_phases(const T* in, T* ph
                                                               const DirectPlan& d) {
   const int64_t phase_size = d.phase_rows * d.Wph;
   // Phase rows [i_lo, i_hi) map to input rows i * stride_h + a - pad_h inside the input.
-  auto phase_rows = [&](int64_t a) {
-    const int64_t i_lo = std::min(d.Hph, std::max<int64_t>(0, s.pad_h - a + s.stride_h - 1) / s.stride_h);
-    return std::make_pair(i_lo, std::clamp(floor_div(s.H - 1 + s.pad_h - a, s.stride_h) + 1, i_lo, d.Hph));
-  };
+  auto phase_rows = [&](int64_t a) { return phase_range(a, s.H, d.Hph, s.stride_h, s.pad_h); };
   if (s.stride_w == 2) {
     // Input column x lands in phase (x + pad_w) % 2, at column (x + pad_w) / 2. Channel by
     // channel, so that one pass over a channel's rows fills all its phases.
@@ -777,8 +783,7 @@ __attribute__((always_inline)) inline void build_group_phases(const T* in, T* ph
     const auto [i_lo, i_hi] = phase_rows(a);
     for (int64_t b = 0; b < s.stride_w; ++b) {
       // Phase columns [j_lo, j_hi) map to input columns j * stride_w + b - pad_w.
-      const int64_t j_lo = std::min(d.Wph, std::max<int64_t>(0, s.pad_w - b + s.stride_w - 1) / s.stride_w);
-      const int64_t j_hi = std::clamp(floor_div(s.W - 1 + s.pad_w - b, s.stride_w) + 1, j_lo, d.Wph);
+      const auto [j_lo, j_hi] = phase_range(b, s.W, d.Wph, s.stride_w, s.pad_w);
       for (int64_t c = 0; c < channels; ++c) {
         const T* plane = in + c * s.H * s.W + b - s.pad_w;
         T* rows = phases + c * d.channel_stride + (a * s.stride_w + b) * phase_size;
@@ -864,11 +869,11 @@ __attribute__((always_inline)) inline void direct_forward_tasks(const DirectTask
     // 1.06x at layer3.0 at batch 8. Small inputs gain nothing, as the hardware prefetcher keeps up.
     const char* prefetch = nullptr;
     const char* prefetch_end = nullptr;
-    const int64_t next_ng = (task + 1) / a.chunks;
-    if (cg * s.H * s.W * int64_t{sizeof(T)} >= kPrefetchInputBytes && task + 1 < end && next_ng != ng) {
+    const int64_t next_ng = (task + 1) / a.chunks, input_bytes = cg * s.H * s.W * int64_t{sizeof(T)};
+    if (input_bytes >= kPrefetchInputBytes && task + 1 < end && next_ng != ng) {
       prefetch = reinterpret_cast<const char*>(static_cast<const T*>(a.input) +
                                                ((next_ng / s.groups) * s.C + (next_ng % s.groups) * cg) * s.H * s.W);
-      prefetch_end = prefetch + cg * s.H * s.W * int64_t{sizeof(T)};
+      prefetch_end = prefetch + input_bytes;
     }
     for (int64_t blk = b_lo; blk < b_hi; ++blk) {
       const int64_t k0 = g * kg + blk * kKB;
@@ -882,8 +887,8 @@ __attribute__((always_inline)) inline void direct_forward_tasks(const DirectTask
         const int64_t width = left >= kJB ? kJB : left <= 16 ? 16 : left <= 32 ? 32 : kJB;
         if (width == 16) {
           direct_tile<T, kKB, 16>(phases.data(), a.tap_offsets, w, taps, j0, bias, tile, prefetch, prefetch_end);
-        } else if (width == 32 && kJB != 32) {
-          direct_tile<T, kKB, (kJB == 32 ? 16 : 32)>(phases.data(), a.tap_offsets, w, taps, j0, bias, tile, prefetch, prefetch_end);
+        } else if (width == 32) {
+          direct_tile<T, kKB, 32>(phases.data(), a.tap_offsets, w, taps, j0, bias, tile, prefetch, prefetch_end);
         } else {
           direct_tile<T, kKB, kJB>(phases.data(), a.tap_offsets, w, taps, j0, bias, tile, prefetch, prefetch_end);
         }

@@ -88,6 +88,36 @@ def test_direct_forward_every_row_width(outputs_per_group, stride, padding, dtyp
         assert_close_to_reference(out, ref, 2 * 9, f"output (width {width})")
 
 
+@pytest.mark.parametrize("channels_per_group", [1, 3, 16, 17])
+@pytest.mark.parametrize(
+    "size,stride,padding,dilation",
+    [
+        ((7, 7), 1, 1, 1),  # ResNeXt's layer 4: one 2-row tile pair, an odd last row
+        ((14, 14), 2, 1, 1),  # its stride-2 layer
+        ((14, 14), 1, 1, 1),  # two tiles of 7 columns per row
+        ((13, 11), 2, 1, 1),  # 7 x 6 output: the last tile's column outside the plane is dropped
+        ((6, 13), 1, 1, 1),  # 13 columns: a full tile, then 6 of 7
+        ((2, 9), 1, 1, 1),  # 2 rows of 9 columns
+        ((7, 7), 1, 2, 2),  # dilated
+        ((5, 5), 1, 1, 1),  # fewer columns than a tile
+    ],
+)
+def test_direct_forward_channel_tiles(size, stride, padding, dilation, channels_per_group):
+    """With 32 or 64 outputs per group on small planes, the AVX-512 direct forward vectorises over
+    32 output channels in tiles of 2 rows x 7 columns (use_channel_tiles); these planes all take
+    that path on such a CPU, and are correct on any. Tap counts below, at and past the 16-tap
+    squares of the weight repack."""
+    for outputs_per_group, bias in ((32, True), (64, False)):
+        x = torch.randn(3, 2 * channels_per_group, *size)
+        w = torch.randn(2 * outputs_per_group, channels_per_group, 3, 3)
+        b = torch.randn(2 * outputs_per_group) if bias else None
+        args = (stride, padding, dilation, 2)
+        out = cnnops.conv2d(x, w, b, *args, algo="direct")
+        ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), *args)
+        label = f"output ({outputs_per_group} per group)"
+        assert_close_to_reference(out, ref, channels_per_group * 9, label)
+
+
 @pytest.mark.parametrize(
     "shape,k,stride,padding,dilation,dtype",
     [

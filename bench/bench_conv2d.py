@@ -41,6 +41,7 @@ class Conv2dProvider:
 PROVIDERS = (
     Conv2dProvider("torch", None, device_type="cpu"),
     Conv2dProvider("cpu-direct", "cpu", "direct", sets=GROUPED_SETS),
+    Conv2dProvider("cpu-depthwise", "cpu", "depthwise", depthwise_only=True),
     Conv2dProvider("cpu-im2col", "cpu", "im2col"),
     Conv2dProvider("cpu-auto", "cpu", "auto"),
     Conv2dProvider("torch", None, device_type="cuda"),

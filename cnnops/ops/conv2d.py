@@ -14,7 +14,7 @@ from cnnops.ops._backend import resolve_backend
 ALGOS = ("direct", "im2col", "implicit_gemm", "depthwise")
 
 # The algorithms each backend has kernels for.
-BACKEND_ALGOS = {"cpu": ("direct", "im2col"), "cuda": ("direct", "im2col")}
+BACKEND_ALGOS = {"cpu": ("direct", "im2col", "depthwise"), "cuda": ("direct", "im2col")}
 
 
 def _pair(value, name):
@@ -145,7 +145,8 @@ def conv2d(
 ):
     """2-D convolution with the signature of torch.nn.functional.conv2d.
 
-    algo: "auto", "direct" or "im2col" ("implicit_gemm" and "depthwise" where a backend has them).
+    algo: "auto", "direct", "im2col" or "depthwise" (groups == input channels), where the backend
+        has it ("implicit_gemm" on Triton).
         "auto" lets the backend choose, separately for the forward and the backward pass.
     backend: None (see cnnops.use_backend), "cpu", "cuda" or "triton".
     An explicit algo or backend that cannot serve the call raises.
@@ -179,6 +180,12 @@ def conv2d(
         raise ValueError(
             f"conv2d: algo {algo!r} is not available on the {backend} backend "
             f"(it has: {', '.join(BACKEND_ALGOS[backend])})"
+        )
+    if algo == "depthwise" and not (groups == input.shape[1] and weight.shape[0] % groups == 0):
+        raise ValueError(
+            "conv2d: algo 'depthwise' needs a depthwise layer (groups == input channels, output "
+            f"channels a multiple of them); got groups={groups}, {input.shape[1]} input and "
+            f"{weight.shape[0]} output channels"
         )
     args = (input, weight, bias, stride, padding, dilation, groups, algo)
     if _needs_autograd(input, weight, bias):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conv2d_cases import CASES, LAYOUTS, conv_args, make_problem, reduction_lengths
+from conv2d_cases import CASES, LAYOUTS, case, conv_args, make_problem, reduction_lengths
 from tolerance import assert_close_to_reference
 
 import cnnops
@@ -118,6 +118,56 @@ def test_direct_forward_channel_tiles(size, stride, padding, dilation, channels_
         assert_close_to_reference(out, ref, channels_per_group * 9, label)
 
 
+DEPTHWISE_CASES = [
+    *(c for c in CASES if c.values[0]["groups"] == c.values[0]["c"] > 1),
+    # Channels: two whole vectors and no block of 4; a block then 2 vectors; a vector and a scalar.
+    case(2, 32, 12, 12, 32, 3, padding=1, groups=32, id="dw-32ch"),
+    case(2, 96, 13, 11, 96, 3, stride=2, padding=1, groups=96, id="dw-96ch-s2"),
+    case(1, 17, 7, 8, 17, 5, padding=2, groups=17, id="dw-17ch-5x5"),
+    case(2, 80, 9, 9, 80, 3, padding=2, dilation=2, groups=80, id="dw-80ch-dil2"),
+    case(1, 65, 6, 5, 65, 3, groups=65, bias=False, id="dw-65ch-no-pad-no-bias"),
+    case(2, 64, 9, 9, 64, 7, stride=2, padding=3, groups=64, id="dw-64ch-7x7-s2"),
+    case(2, 16, 5, 5, 32, 3, padding=1, groups=16, id="dw-mult2"),
+    case(0, 16, 5, 5, 16, 3, padding=1, groups=16, id="dw-batch0"),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("spec", DEPTHWISE_CASES)
+def test_depthwise_algo_matches_torch(spec, layout):
+    """algo="depthwise": in channels_last the NHWC kernel (vectors over channels, with blocks of
+    4 vectors, single vectors and scalar channels for the rest), in NCHW the direct kernel; the
+    backward passes are the direct ones. A channel multiplier goes through NCHW."""
+    for dtype in (torch.float32, torch.float64):
+        x, w, b = make_problem(spec, dtype, layout)
+        params = [t.requires_grad_() for t in (x, w, b) if t is not None]
+        out = cnnops.conv2d(x, w, b, **conv_args(spec), algo="depthwise")
+        x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        b64 = b.detach().double().requires_grad_() if b is not None else None
+        ref = F.conv2d(x64, w64, b64, **conv_args(spec))
+        lengths = reduction_lengths(spec, ref.shape)
+        assert_close_to_reference(out, ref, lengths[0])
+        if layout == "channels_last" and out.numel() > 0:
+            assert out.is_contiguous(memory_format=torch.channels_last)
+        grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        grads = torch.autograd.grad(out, params, grad_out)
+        refs = [t for t in (x64, w64, b64) if t is not None]
+        want = torch.autograd.grad(ref, refs, grad_out.double())
+        for name, got, exp, length in zip(
+            ("grad_input", "grad_weight", "grad_bias"), grads, want, lengths[1:], strict=False
+        ):
+            assert_close_to_reference(got, exp, length, name)
+
+
+def test_depthwise_gradcheck_channels_last():
+    x = torch.randn(1, 5, 6, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, 1, 3, 3, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x, w, b)]
+    fn = lambda x, w, b: cnnops.conv2d(x, w, b, 2, 1, 1, 5, algo="depthwise")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "shape,k,stride,padding,dilation,dtype",
     [
@@ -221,6 +271,14 @@ def test_opcheck(algo):
     torch.library.opcheck(
         torch.ops.cnnops.conv2d.default, (xl, w, None, [2, 2], [1, 1], [1, 1], 1, algo)
     )
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_opcheck_depthwise(layout):
+    spec = next(c.values[0] for c in DEPTHWISE_CASES if c.id == "dw-32ch")
+    x, w, b = make_problem(spec, torch.float32, layout)
+    args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), [1, 1], [1, 1], [1, 1])
+    torch.library.opcheck(torch.ops.cnnops.conv2d.default, (*args, 32, "depthwise"))
 
 
 def test_torch_compile_fullgraph():
@@ -403,6 +461,12 @@ BAD_INPUTS = [
         id="algo-not-on-backend",
     ),
     pytest.param(
+        lambda: cnnops.conv2d(_x(), _w(), algo="depthwise"),
+        ValueError,
+        "algo 'depthwise' needs a depthwise layer (groups == input channels",
+        id="depthwise-algo-on-dense-layer",
+    ),
+    pytest.param(
         lambda: cnnops.conv2d(_x(), _w(), backend="opencl"),
         ValueError,
         "unknown backend",
@@ -454,6 +518,11 @@ def raw_args(x_shape, w_shape, stride=(1, 1), algo="direct", dtype=torch.float32
             raw_args((2, 4, 9, 9), (6, 4, 3, 3), algo="fft"),
             "algo 'fft' is not available",
             id="algo",
+        ),
+        pytest.param(
+            raw_args((2, 4, 9, 9), (6, 4, 3, 3), algo="depthwise"),
+            "algo 'depthwise' needs a depthwise layer",
+            id="depthwise-on-dense",
         ),
         pytest.param(
             raw_args((2, 4, 2, 2), (6, 4, 3, 3)),

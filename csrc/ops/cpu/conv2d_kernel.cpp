@@ -1212,6 +1212,126 @@ void conv2d_direct_forward(const at::Tensor& input, const at::Tensor& weight,
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// depthwise, NHWC.
+//
+// A depthwise layer (groups == C, one filter per channel) in channels_last finds, at every input
+// pixel a tap reads, the pixel's channels side by side: the vectors run over channels, and each
+// tap is one multiply-add of an input vector by the tap's weights for those channels (the weight
+// repacked as (R * S, C)). The direct kernel works in NCHW, and converting a channels_last layer
+// to it and back cost 4-6x the convolution (MobileNetV2's depthwise layers ran at 0.16-0.25x
+// torch that way). One filter per channel only; a channel multiplier goes through NCHW.
+
+bool is_depthwise(const Conv2dShape& s) { return s.groups == s.C && s.K % s.C == 0; }
+
+// Output rows (n, p) in [begin, end), every column and channel; kBytes: the vector width. Pixel
+// by pixel, all its channels: computing 2 or 4 pixels at once, to load each tap's weights once
+// for them, was slower (0.78-0.90x on MobileNetV2's layers).
+template <typename T, int kBytes>
+__attribute__((always_inline)) inline void depthwise_nhwc_rows(const T* in, const T* weight, const T* bias, T* out,
+                                                               const Conv2dShape& s, int64_t begin, int64_t end) {
+  using V = typename Vector<T, kBytes>::type;
+  constexpr int64_t kLanes = kBytes / sizeof(T), kVecs = 4, kBlock = kVecs * kLanes;
+  const int64_t C = s.C;
+  // Taps [lo, hi) of a kernel dimension that read inside the input for output coordinate o.
+  auto taps = [](int64_t o, int64_t kernel, int64_t in_size, int64_t stride, int64_t pad, int64_t dilation) {
+    int64_t lo = 0, hi = kernel;
+    while (lo < hi && conv_input_coord(o, lo, stride, pad, dilation) < 0) ++lo;
+    while (hi > lo && conv_input_coord(o, hi - 1, stride, pad, dilation) >= in_size) --hi;
+    return std::pair<int64_t, int64_t>{lo, hi};
+  };
+  // Output columns [inner_lo, inner_hi) read inside the input through every tap.
+  const int64_t inner_lo = std::min(s.Q, conv_first_valid_output(0, s.stride_w, s.pad_w, s.dilation_w));
+  const int64_t inner_hi =
+      std::max(inner_lo, conv_last_valid_output(s.S - 1, s.W, s.Q, s.stride_w, s.pad_w, s.dilation_w));
+  for (int64_t np = begin; np < end; ++np) {
+    const int64_t n = np / s.P, p = np % s.P;
+    const auto [r_lo, r_hi] = taps(p, s.R, s.H, s.stride_h, s.pad_h, s.dilation_h);
+    // Channels [c0, c0 + kN * kLanes) of output pixel (p, q), over taps [t_lo, t_hi) of a row.
+    auto vectors = [&](auto vecs, int64_t q, int64_t c0, int64_t t_lo, int64_t t_hi) {
+      constexpr int kN = decltype(vecs)::value;
+      V acc[kN];
+      for (int v = 0; v < kN; ++v) {
+        acc[v] = V{};
+        if (bias) std::memcpy(&acc[v], bias + c0 + v * kLanes, sizeof(V));
+      }
+      for (int64_t r = r_lo; r < r_hi; ++r) {
+        const int64_t y = conv_input_coord(p, r, s.stride_h, s.pad_h, s.dilation_h);
+        const T* row = in + (n * s.H + y) * s.W * C + c0;
+        for (int64_t t = t_lo; t < t_hi; ++t) {
+          const T* x = row + conv_input_coord(q, t, s.stride_w, s.pad_w, s.dilation_w) * C;
+          const T* w = weight + (r * s.S + t) * C + c0;
+          for (int v = 0; v < kN; ++v) {
+            V xv, wv;
+            std::memcpy(&xv, x + v * kLanes, sizeof(V));
+            std::memcpy(&wv, w + v * kLanes, sizeof(V));
+            acc[v] += xv * wv;
+          }
+        }
+      }
+      T* o = out + ((n * s.P + p) * s.Q + q) * C + c0;
+      for (int v = 0; v < kN; ++v) std::memcpy(o + v * kLanes, &acc[v], sizeof(V));
+    };
+    auto pixel = [&](int64_t q, int64_t t_lo, int64_t t_hi) {
+      int64_t c0 = 0;
+      for (; c0 + kBlock <= C; c0 += kBlock) vectors(std::integral_constant<int, kVecs>{}, q, c0, t_lo, t_hi);
+      for (; c0 + kLanes <= C; c0 += kLanes) vectors(std::integral_constant<int, 1>{}, q, c0, t_lo, t_hi);
+      for (; c0 < C; ++c0) {  // channels past the last whole vector
+        T acc = bias ? bias[c0] : T(0);
+        for (int64_t r = r_lo; r < r_hi; ++r) {
+          const int64_t y = conv_input_coord(p, r, s.stride_h, s.pad_h, s.dilation_h);
+          for (int64_t t = t_lo; t < t_hi; ++t) {
+            const int64_t x = conv_input_coord(q, t, s.stride_w, s.pad_w, s.dilation_w);
+            acc += in[((n * s.H + y) * s.W + x) * C + c0] * weight[(r * s.S + t) * C + c0];
+          }
+        }
+        out[((n * s.P + p) * s.Q + q) * C + c0] = acc;
+      }
+    };
+    for (int64_t q = 0; q < s.Q; ++q) {
+      if (q >= inner_lo && q < inner_hi) {
+        pixel(q, 0, s.S);
+      } else {
+        const auto [t_lo, t_hi] = taps(q, s.S, s.W, s.stride_w, s.pad_w, s.dilation_w);
+        pixel(q, t_lo, t_hi);
+      }
+    }
+  }
+}
+
+template <typename T>
+void depthwise_nhwc_rows_baseline(const T* in, const T* weight, const T* bias, T* out, const Conv2dShape& s,
+                                  int64_t begin, int64_t end) {
+  depthwise_nhwc_rows<T, 16>(in, weight, bias, out, s, begin, end);
+}
+
+#ifdef CNNOPS_HAS_ISA_VARIANTS
+template <typename T>
+CNNOPS_AVX512 void depthwise_nhwc_rows_avx512(const T* in, const T* weight, const T* bias, T* out,
+                                              const Conv2dShape& s, int64_t begin, int64_t end) {
+  depthwise_nhwc_rows<T, 64>(in, weight, bias, out, s, begin, end);
+}
+#endif
+
+// input: channels_last; out: channels_last, of the layer's output shape. One filter per channel.
+template <typename T>
+void conv2d_depthwise_nhwc_forward(const at::Tensor& input, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, at::Tensor& out, const Conv2dShape& s) {
+  const at::Tensor packed = weight.reshape({s.C, s.R * s.S}).t().contiguous();  // (R * S, C)
+  const at::Tensor bias_c = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const T* in = input.const_data_ptr<T>();
+  const T* w = packed.const_data_ptr<T>();
+  const T* b = bias_c.defined() ? bias_c.const_data_ptr<T>() : nullptr;
+  T* o = out.data_ptr<T>();
+  auto rows = &depthwise_nhwc_rows_baseline<T>;
+#ifdef CNNOPS_HAS_ISA_VARIANTS
+  if (cpu_has_avx512()) rows = &depthwise_nhwc_rows_avx512<T>;
+#endif
+  // Rows of about 16K multiply-adds per task at least.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, s.Q * s.C * s.R * s.S));
+  at::parallel_for(0, s.N * s.P, grain, [&](int64_t begin, int64_t end) { rows(in, w, b, o, s, begin, end); });
+}
+
 // Grad weight of a grouped convolution on the forward pass's polyphase copies. Weight tap t of
 // output channel k is the dot product, over the batch and the output, of k's grad output with the
 // input that tap reads: in the wide layout that is phases[tap_offsets[t] + j] against grad output
@@ -1460,6 +1580,14 @@ void check_cpu(const at::Tensor& t, const char* name) {
               "conv2d (cpu backend): ", name, " must be float32 or float64, got ", t.scalar_type());
 }
 
+// algo="depthwise" serves depthwise layers only: groups == C_in, C_out a multiple of C_in. Its
+// backward passes are the direct algorithm's, whose loops are per channel for such a layer.
+void check_depthwise_algo(c10::string_view algo, const Conv2dShape& s) {
+  TORCH_CHECK(algo != "depthwise" || is_depthwise(s),
+              "conv2d: algo 'depthwise' needs a depthwise layer (groups == input channels, output channels a "
+              "multiple of them); got groups=", s.groups, ", ", s.C, " input and ", s.K, " output channels");
+}
+
 at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -1468,16 +1596,23 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   check_cpu(weight, "weight");
   const Conv2dShape s = conv2d_shape(input, weight, stride, padding, dilation, groups);
   check_conv2d_bias(bias, input, s);
-  check_conv2d_algo(algo, {"auto", "direct", "im2col"}, "cpu");
+  check_conv2d_algo(algo, {"auto", "direct", "im2col", "depthwise"}, "cpu");
+  check_depthwise_algo(algo, s);
   // algo="auto": a grouped convolution has too few channels per group for a GEMM to pay for
   // im2col's column buffer (R*S times the input, written and read back), so it runs direct, which
   // reads the input once. Dense convolutions are GEMM-shaped and go to the BLAS through im2col.
+  // A depthwise layer runs the depthwise kernels: in channels_last the NHWC one, in NCHW the
+  // direct kernel, whose tiles are one channel's there.
   const bool use_im2col = algo == "im2col" || (algo == "auto" && s.groups == 1);
   const at::MemoryFormat fmt = conv2d_memory_format(input);
+  const bool depthwise_nhwc = (algo == "auto" || algo == "depthwise") && is_depthwise(s) && s.K == s.C &&
+                              fmt == at::MemoryFormat::ChannelsLast;
   at::Tensor out = at::empty({s.N, s.K, s.P, s.Q}, input.options().memory_format(fmt));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_cpu", [&] {
-    if (use_im2col) {
+    if (depthwise_nhwc) {
+      conv2d_depthwise_nhwc_forward<scalar_t>(input.contiguous(fmt), weight.contiguous(), bias, out, s);
+    } else if (use_im2col) {
       const at::MemoryFormat work = im2col_work_format(s, fmt);
       at::Tensor result = work == fmt ? out : at::empty_like(out, out.options().memory_format(work));
       fill_bias(result, bias);  // the GEMMs accumulate onto it
@@ -1510,7 +1645,8 @@ at::Tensor grad_input_by_forward_conv(const at::Tensor& grad_output, const at::T
                                  .flip({3, 4})
                                  .reshape({s.C, kg, s.R, s.S});
   const std::vector<int64_t> padding{s.dilation_h * (s.R - 1) - s.pad_h, s.dilation_w * (s.S - 1) - s.pad_w};
-  return conv2d_cpu(grad_output, flipped, std::nullopt, {1, 1}, padding, dilation, s.groups, "direct");
+  // "auto": the direct kernel, or for a channels_last depthwise layer the NHWC one.
+  return conv2d_cpu(grad_output, flipped, std::nullopt, {1, 1}, padding, dilation, s.groups, "auto");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
@@ -1522,12 +1658,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   check_cpu(grad_output, "grad_output");
   const Conv2dShape s = conv2d_shape(input, weight, stride, padding, dilation, groups);
   check_conv2d_grad_output(grad_output, input, s);
-  check_conv2d_algo(algo, {"auto", "direct", "im2col"}, "cpu");
+  check_conv2d_algo(algo, {"auto", "direct", "im2col", "depthwise"}, "cpu");
+  check_depthwise_algo(algo, s);
   // algo="auto" chooses per gradient. A grouped layer's grad input at stride 1 runs on the direct
   // forward kernel and its grad weight on the grouped register tiles, where those serve. The
   // rest goes through im2col, except for depthwise layers: there each GEMM is one channel's, too
   // small to pay for its column matrix, and the direct loops were 1.2-7x faster.
-  const bool by_default = algo == "auto";
+  const bool by_default = algo == "auto" || algo == "depthwise";
   const bool grad_in_by_forward = by_default && output_mask[0] && grad_input_is_a_forward_conv(s);
   const bool grad_w_by_tiles = by_default && output_mask[1] && use_grouped_grad_weight(s);
   const bool use_im2col = algo == "im2col" || (by_default && s.channels_per_group() > 1);

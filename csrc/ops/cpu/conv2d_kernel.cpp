@@ -1332,6 +1332,156 @@ void conv2d_depthwise_nhwc_forward(const at::Tensor& input, const at::Tensor& we
   at::parallel_for(0, s.N * s.P, grain, [&](int64_t begin, int64_t end) { rows(in, w, b, o, s, begin, end); });
 }
 
+// The backward passes in NHWC, vectorised over channels the same way. Grad input is a gather:
+// input pixel (y, x) sums grad output pixel (p, q) times tap (r, s)'s weights over the taps whose
+// read lands on it (conv_output_coord_for_input), so rows of it are independent tasks, for any
+// stride. Grad weight sums grad output times input over every output pixel: each thread adds
+// into its own (R * S, C) copy, and the copies are summed at the end.
+template <typename T, int kBytes>
+__attribute__((always_inline)) inline void depthwise_nhwc_grad_input_rows(const T* go, const T* weight, T* gi,
+                                                                          const Conv2dShape& s, int64_t begin,
+                                                                          int64_t end) {
+  using V = typename Vector<T, kBytes>::type;
+  constexpr int64_t kLanes = kBytes / sizeof(T);
+  const int64_t C = s.C;
+  for (int64_t ny = begin; ny < end; ++ny) {
+    const int64_t n = ny / s.H, y = ny % s.H;
+    for (int64_t x = 0; x < s.W; ++x) {
+      T* g = gi + ((n * s.H + y) * s.W + x) * C;
+      for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+        const int64_t lanes = std::min(kLanes, C - c0);
+        V acc{};
+        T tail[kLanes] = {};
+        for (int64_t r = 0; r < s.R; ++r) {
+          const int64_t p = conv_output_coord_for_input(y, r, s.stride_h, s.pad_h, s.dilation_h, s.P);
+          if (p < 0) continue;
+          for (int64_t t = 0; t < s.S; ++t) {
+            const int64_t q = conv_output_coord_for_input(x, t, s.stride_w, s.pad_w, s.dilation_w, s.Q);
+            if (q < 0) continue;
+            const T* o = go + ((n * s.P + p) * s.Q + q) * C + c0;
+            const T* w = weight + (r * s.S + t) * C + c0;
+            if (lanes == kLanes) {
+              V ov, wv;
+              std::memcpy(&ov, o, sizeof(V));
+              std::memcpy(&wv, w, sizeof(V));
+              acc += ov * wv;
+            } else {
+              for (int64_t l = 0; l < lanes; ++l) tail[l] += o[l] * w[l];
+            }
+          }
+        }
+        if (lanes == kLanes) {
+          std::memcpy(g + c0, &acc, sizeof(V));
+        } else {
+          for (int64_t l = 0; l < lanes; ++l) g[c0 + l] = tail[l];
+        }
+      }
+    }
+  }
+}
+
+// Adds into gw (R * S, C) the grad weight over output rows (n, p) in [begin, end).
+template <typename T, int kBytes>
+__attribute__((always_inline)) inline void depthwise_nhwc_grad_weight_rows(const T* go, const T* in, T* gw,
+                                                                           const Conv2dShape& s, int64_t begin,
+                                                                           int64_t end) {
+  using V = typename Vector<T, kBytes>::type;
+  constexpr int64_t kLanes = kBytes / sizeof(T);
+  const int64_t C = s.C;
+  for (int64_t np = begin; np < end; ++np) {
+    const int64_t n = np / s.P, p = np % s.P;
+    for (int64_t r = 0; r < s.R; ++r) {
+      const int64_t y = conv_input_coord(p, r, s.stride_h, s.pad_h, s.dilation_h);
+      if (y < 0 || y >= s.H) continue;
+      for (int64_t t = 0; t < s.S; ++t) {
+        // Output columns [q_lo, q_hi) read inside the input through tap t.
+        const int64_t q_lo = std::min(s.Q, conv_first_valid_output(t, s.stride_w, s.pad_w, s.dilation_w));
+        const int64_t q_hi = conv_last_valid_output(t, s.W, s.Q, s.stride_w, s.pad_w, s.dilation_w);
+        T* g = gw + (r * s.S + t) * C;
+        for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+          const int64_t lanes = std::min(kLanes, C - c0);
+          V acc{};
+          for (int64_t q = q_lo; q < q_hi; ++q) {
+            const T* o = go + ((n * s.P + p) * s.Q + q) * C + c0;
+            const T* x = in + ((n * s.H + y) * s.W + conv_input_coord(q, t, s.stride_w, s.pad_w, s.dilation_w)) * C + c0;
+            if (lanes == kLanes) {
+              V ov, xv;
+              std::memcpy(&ov, o, sizeof(V));
+              std::memcpy(&xv, x, sizeof(V));
+              acc += ov * xv;
+            } else {
+              for (int64_t l = 0; l < lanes; ++l) g[c0 + l] += o[l] * x[l];
+            }
+          }
+          if (lanes == kLanes) {
+            V sum;
+            std::memcpy(&sum, g + c0, sizeof(V));
+            sum += acc;
+            std::memcpy(g + c0, &sum, sizeof(V));
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void depthwise_nhwc_grad_input_baseline(const T* go, const T* w, T* gi, const Conv2dShape& s, int64_t b, int64_t e) {
+  depthwise_nhwc_grad_input_rows<T, 16>(go, w, gi, s, b, e);
+}
+template <typename T>
+void depthwise_nhwc_grad_weight_baseline(const T* go, const T* in, T* gw, const Conv2dShape& s, int64_t b,
+                                         int64_t e) {
+  depthwise_nhwc_grad_weight_rows<T, 16>(go, in, gw, s, b, e);
+}
+#ifdef CNNOPS_HAS_ISA_VARIANTS
+template <typename T>
+CNNOPS_AVX512 void depthwise_nhwc_grad_input_avx512(const T* go, const T* w, T* gi, const Conv2dShape& s, int64_t b,
+                                                    int64_t e) {
+  depthwise_nhwc_grad_input_rows<T, 64>(go, w, gi, s, b, e);
+}
+template <typename T>
+CNNOPS_AVX512 void depthwise_nhwc_grad_weight_avx512(const T* go, const T* in, T* gw, const Conv2dShape& s,
+                                                     int64_t b, int64_t e) {
+  depthwise_nhwc_grad_weight_rows<T, 64>(go, in, gw, s, b, e);
+}
+#endif
+
+// grad_output and input channels_last; grad_in (channels_last) and grad_w ((C, 1, R, S),
+// contiguous) are written where defined. One filter per channel.
+template <typename T>
+void conv2d_depthwise_nhwc_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                    at::Tensor& grad_in, at::Tensor& grad_w, const Conv2dShape& s) {
+  const T* go = grad_output.const_data_ptr<T>();
+  auto grad_input_rows = &depthwise_nhwc_grad_input_baseline<T>;
+  auto grad_weight_rows = &depthwise_nhwc_grad_weight_baseline<T>;
+#ifdef CNNOPS_HAS_ISA_VARIANTS
+  if (cpu_has_avx512()) {
+    grad_input_rows = &depthwise_nhwc_grad_input_avx512<T>;
+    grad_weight_rows = &depthwise_nhwc_grad_weight_avx512<T>;
+  }
+#endif
+  const int64_t taps_per_row = std::max<int64_t>(1, s.W * s.C * s.R * s.S);
+  if (grad_in.defined()) {
+    const at::Tensor packed = weight.reshape({s.C, s.R * s.S}).t().contiguous();  // (R * S, C)
+    const T* w = packed.const_data_ptr<T>();
+    T* gi = grad_in.data_ptr<T>();
+    at::parallel_for(0, s.N * s.H, std::max<int64_t>(1, (int64_t{1} << 14) / taps_per_row),
+                     [&](int64_t begin, int64_t end) { grad_input_rows(go, w, gi, s, begin, end); });
+  }
+  if (grad_w.defined()) {
+    const int64_t threads = at::get_num_threads();
+    at::Tensor partial = at::zeros({threads, s.R * s.S, s.C}, grad_w.options());
+    const T* in = input.const_data_ptr<T>();
+    at::parallel_for(0, s.N * s.P, std::max<int64_t>(1, (int64_t{1} << 14) / taps_per_row),
+                     [&](int64_t begin, int64_t end) {
+                       T* gw = partial[at::get_thread_num()].data_ptr<T>();
+                       grad_weight_rows(go, in, gw, s, begin, end);
+                     });
+    grad_w.copy_(partial.sum(0).t().reshape(grad_w.sizes()));
+  }
+}
+
 // Grad weight of a grouped convolution on the forward pass's polyphase copies. Weight tap t of
 // output channel k is the dot product, over the batch and the output, of k's grad output with the
 // input that tap reads: in the wide layout that is phases[tap_offsets[t] + j] against grad output
@@ -1664,13 +1814,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   // forward kernel and its grad weight on the grouped register tiles, where those serve. The
   // rest goes through im2col, except for depthwise layers: there each GEMM is one channel's, too
   // small to pay for its column matrix, and the direct loops were 1.2-7x faster.
+  // A channels_last depthwise layer (one filter per channel) stays in NHWC: grad input on the
+  // NHWC forward kernel at stride 1, else by the NHWC gather, and grad weight by the NHWC sums.
   const bool by_default = algo == "auto" || algo == "depthwise";
+  const at::MemoryFormat fmt = conv2d_memory_format(input);
+  const bool depthwise_nhwc = by_default && is_depthwise(s) && s.K == s.C && fmt == at::MemoryFormat::ChannelsLast;
   const bool grad_in_by_forward = by_default && output_mask[0] && grad_input_is_a_forward_conv(s);
-  const bool grad_w_by_tiles = by_default && output_mask[1] && use_grouped_grad_weight(s);
+  const bool grad_w_by_tiles = by_default && output_mask[1] && use_grouped_grad_weight(s) && !depthwise_nhwc;
   const bool use_im2col = algo == "im2col" || (by_default && s.channels_per_group() > 1);
   const bool rest_of_grad_in = output_mask[0] && !grad_in_by_forward;
   const bool rest_of_grad_w = output_mask[1] && !grad_w_by_tiles;
-  const at::MemoryFormat fmt = conv2d_memory_format(input);
   at::Tensor grad_in = !output_mask[0] ? at::empty({0}, input.options())
                        : grad_in_by_forward && s.N > 0
                            ? grad_input_by_forward_conv(grad_output, weight, s, dilation).contiguous(fmt)
@@ -1681,6 +1834,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   if (s.N == 0) return {grad_in, grad_w, grad_b};
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_backward_cpu", [&] {
+    if (depthwise_nhwc) {
+      const at::Tensor go = grad_output.contiguous(fmt);
+      at::Tensor gi = rest_of_grad_in ? grad_in : at::Tensor();
+      at::Tensor gw = rest_of_grad_w ? grad_w : at::Tensor();
+      conv2d_depthwise_nhwc_backward<scalar_t>(go, input.contiguous(fmt), weight.contiguous(), gi, gw, s);
+      if (output_mask[2]) conv2d_grad_bias<scalar_t>(go, grad_b, s, true);
+      return;
+    }
     if (grad_w_by_tiles) {
       conv2d_grouped_grad_weight<scalar_t>(grad_output.contiguous(), input.contiguous(), grad_w, s);
     }

@@ -14,7 +14,12 @@ def test_version():
     assert isinstance(cnnops.__version__, str) and cnnops.__version__.count(".") == 2
 
 
-def test_available_backends_on_cpu():
+def test_available_backends_on_cpu(monkeypatch):
+    # Triton serves CPU tensors only in its interpreter (tests/conftest.py turns it on without a
+    # GPU).
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert cnnops.available_backends("cpu") == ["cpu", "triton"]
+    monkeypatch.delenv("TRITON_INTERPRET")
     assert cnnops.available_backends("cpu") == ["cpu"]
     assert "cpu" in cnnops.available_backends()
     assert ("cuda" in cnnops.available_backends()) == (
@@ -50,8 +55,12 @@ def test_use_backend_context_and_environment(monkeypatch):
         with cnnops.use_backend("tpu"):
             pass
     monkeypatch.setenv("CNNOPS_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
         cnnops.conv2d(x, w)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="needs a depthwise layer"):
+        cnnops.conv2d(x, w)  # the triton backend has only the depthwise algorithm so far
 
 
 def test_backend_resolution_traces_under_torch_compile():

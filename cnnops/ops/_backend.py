@@ -18,7 +18,7 @@ BACKENDS = ("cpu", "cuda", "triton")
 _backend_stack = []
 
 # Backends each op has kernels for. An op module adds itself when its kernels exist.
-_OP_BACKENDS = {"conv2d": ("cpu", "cuda")}
+_OP_BACKENDS = {"conv2d": ("cpu", "cuda", "triton")}
 
 
 def _check_name(backend, source):

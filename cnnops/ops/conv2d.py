@@ -14,7 +14,11 @@ from cnnops.ops._backend import resolve_backend
 ALGOS = ("direct", "im2col", "implicit_gemm", "depthwise")
 
 # The algorithms each backend has kernels for.
-BACKEND_ALGOS = {"cpu": ("direct", "im2col", "depthwise"), "cuda": ("direct", "im2col")}
+BACKEND_ALGOS = {
+    "cpu": ("direct", "im2col", "depthwise"),
+    "cuda": ("direct", "im2col"),
+    "triton": ("depthwise",),
+}
 
 
 def _pair(value, name):
@@ -181,13 +185,21 @@ def conv2d(
             f"conv2d: algo {algo!r} is not available on the {backend} backend "
             f"(it has: {', '.join(BACKEND_ALGOS[backend])})"
         )
-    if algo == "depthwise" and not (groups == input.shape[1] and weight.shape[0] % groups == 0):
+    depthwise = groups == input.shape[1] and weight.shape[0] % groups == 0
+    if not depthwise and (algo == "depthwise" or backend == "triton"):
+        who = (
+            "algo 'depthwise'"
+            if algo == "depthwise"
+            else "the triton backend (so far only its depthwise algorithm)"
+        )
         raise ValueError(
-            "conv2d: algo 'depthwise' needs a depthwise layer (groups == input channels, output "
-            f"channels a multiple of them); got groups={groups}, {input.shape[1]} input and "
+            f"conv2d: {who} needs a depthwise layer (groups == input channels, output channels a "
+            f"multiple of them); got groups={groups}, {input.shape[1]} input and "
             f"{weight.shape[0]} output channels"
         )
     args = (input, weight, bias, stride, padding, dilation, groups, algo)
+    if backend == "triton":
+        return torch.ops.cnnops.conv2d_triton.default(*args)
     if _needs_autograd(input, weight, bias):
         return torch.ops.cnnops.conv2d.default(*args)
     # No gradient can flow: skip the Python autograd kernel that register_autograd installs. It
@@ -258,3 +270,149 @@ def _conv2d_backward(ctx, grad_output):
 
 
 torch.library.register_autograd("cnnops::conv2d", _conv2d_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The triton backend: its own ops, made with triton_op so that torch.compile sees the kernels.
+# The kernels live in cnnops.kernels.conv2d; so far the depthwise algorithm.
+
+# Launch configurations, kept as data: block sizes per kernel.
+TRITON_CONFIGS = {
+    "depthwise_forward": {"BLOCK_Q": 16, "BLOCK_C": 32},
+    "depthwise_grad_input": {"BLOCK_X": 16, "BLOCK_C": 32},
+    "depthwise_grad_weight": {"BLOCK_PIX": 64, "BLOCK_C": 32},
+}
+
+
+def _triton_conv_geometry(input, weight, stride, padding, dilation):
+    n, c, h, w = input.shape
+    k, _, r, s = weight.shape
+    _, _, p, q = conv2d_output_shape(input.shape, weight.shape, stride, padding, dilation, c)
+    return dict(n=n, c=c, h=h, w=w, k=k, r=r, s=s, p=p, q=q)
+
+
+def _check_triton_algo(algo):
+    if algo not in ("auto", "depthwise"):
+        raise ValueError(
+            f"conv2d: algo {algo!r} is not available on the triton backend (it has: depthwise)"
+        )
+
+
+@torch.library.triton_op("cnnops::conv2d_triton", mutates_args=())
+def _conv2d_triton(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    algo: str,
+) -> torch.Tensor:
+    from cnnops.kernels import conv2d as kernels
+
+    _check_triton_algo(algo)
+    g = _triton_conv_geometry(input, weight, stride, padding, dilation)
+    out = input.new_empty((g["n"], g["k"], g["p"], g["q"])).contiguous(
+        memory_format=conv2d_memory_format(input)
+    )
+    if out.numel() == 0:
+        return out
+    cfg = TRITON_CONFIGS["depthwise_forward"]
+    w = weight.contiguous()
+    grid = (
+        g["n"] * g["p"],
+        triton_cdiv(g["q"], cfg["BLOCK_Q"]),
+        triton_cdiv(g["k"], cfg["BLOCK_C"]),
+    )
+    torch.library.wrap_triton(kernels.depthwise_forward_kernel)[grid](
+        input, w, bias if bias is not None else w, out,
+        g["h"], g["w"], g["p"], g["q"], g["k"], g["k"] // g["c"],
+        *input.stride(), *out.stride(),
+        padding[0], padding[1], dilation[0], dilation[1],
+        R=g["r"], S=g["s"], STRIDE_H=stride[0], STRIDE_W=stride[1],
+        HAS_BIAS=bias is not None, FP64=input.dtype == torch.float64, **cfg,
+    )  # fmt: skip
+    return out
+
+
+@torch.library.triton_op("cnnops::_conv2d_triton_backward", mutates_args=())
+def _conv2d_triton_backward(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    algo: str,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from cnnops.kernels import conv2d as kernels
+
+    _check_triton_algo(algo)
+    g = _triton_conv_geometry(input, weight, stride, padding, dilation)
+    mult = g["k"] // g["c"]
+    conv = (padding[0], padding[1], dilation[0], dilation[1])
+    fp64 = input.dtype == torch.float64
+    taps = dict(R=g["r"], S=g["s"], STRIDE_H=stride[0], STRIDE_W=stride[1], FP64=fp64)
+    w = weight.contiguous()
+    grad_input = input.new_empty(0)
+    if output_mask[0]:
+        grad_input = torch.empty_like(input, memory_format=conv2d_memory_format(input))
+        if grad_input.numel() > 0:
+            cfg = TRITON_CONFIGS["depthwise_grad_input"]
+            grid = (
+                g["n"] * g["h"],
+                triton_cdiv(g["w"], cfg["BLOCK_X"]),
+                triton_cdiv(g["c"], cfg["BLOCK_C"]),
+            )
+            torch.library.wrap_triton(kernels.depthwise_grad_input_kernel)[grid](
+                grad_output, w, grad_input,
+                g["h"], g["w"], g["p"], g["q"], g["c"], mult,
+                *grad_output.stride(), *grad_input.stride(), *conv, **taps, **cfg,
+            )  # fmt: skip
+    grad_weight = input.new_empty(0)
+    if output_mask[1]:
+        grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        cfg = TRITON_CONFIGS["depthwise_grad_weight"]
+        grid = (triton_cdiv(g["k"], cfg["BLOCK_C"]), g["r"] * g["s"])
+        torch.library.wrap_triton(kernels.depthwise_grad_weight_kernel)[grid](
+            grad_output, input, grad_weight,
+            g["n"], g["h"], g["w"], g["p"], g["q"], g["k"], mult,
+            *grad_output.stride(), *input.stride(), *conv, **taps, **cfg,
+        )  # fmt: skip
+    grad_bias = grad_output.sum((0, 2, 3)) if output_mask[2] else input.new_empty(0)
+    return grad_input, grad_weight, grad_bias
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _autograd_formula(backward_op):
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        mask = [
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2],
+        ]
+        grads = backward_op(grad_output, input, weight, *ctx.conv_args, mask)
+        return (*(grad if need else None for grad, need in zip(grads, mask, strict=True)),) + (
+            None,
+        ) * 5
+
+    return backward
+
+
+# Explicit fake kernels: triton_op would trace the function itself, but in Triton's interpreter
+# (no GPU) the kernel launches would then touch fake tensors' data.
+torch.library.register_fake("cnnops::conv2d_triton")(_conv2d_fake)
+torch.library.register_fake("cnnops::_conv2d_triton_backward")(_conv2d_backward_fake)
+
+torch.library.register_autograd(
+    "cnnops::conv2d_triton",
+    _autograd_formula(torch.ops.cnnops._conv2d_triton_backward),
+    setup_context=_setup_context,
+)

@@ -1,0 +1,103 @@
+"""The triton backend's conv2d (so far the depthwise algorithm) against F.conv2d.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1), on small shapes; with one, natively on CUDA tensors.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conv2d_cases import LAYOUTS, case, conv_args, make_problem, reduction_lengths
+from tolerance import assert_close_to_reference
+
+import cnnops
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# On a GPU machine these run natively and belong to the GPU lane (`pytest -m cuda`).
+pytestmark = [pytest.mark.cuda] if DEVICE == "cuda" else []
+
+TRITON_DEPTHWISE_CASES = [
+    case(2, 6, 11, 11, 6, 3, padding=1, groups=6, id="3x3"),
+    case(2, 6, 11, 11, 12, 3, stride=2, padding=1, groups=6, id="mult2-s2"),
+    case(1, 40, 9, 8, 40, 3, stride=2, padding=1, groups=40, id="two-channel-blocks-s2"),
+    case(1, 5, 9, 9, 5, 5, padding=2, groups=5, bias=False, id="5x5-no-bias"),
+    case(1, 4, 13, 13, 4, 7, stride=2, padding=3, groups=4, id="7x7-s2"),
+    case(2, 4, 9, 9, 4, 3, padding=2, dilation=2, groups=4, id="dil2"),
+    case(1, 3, 8, 10, 3, (3, 5), stride=(1, 2), padding=(2, 1), groups=3, id="asymmetric"),
+    case(1, 3, 18, 19, 3, 3, padding=1, groups=3, id="several-column-blocks"),
+    case(0, 4, 5, 5, 4, 3, padding=1, groups=4, id="batch0"),
+]
+
+
+@pytest.mark.parametrize(
+    "layout,dtype", [*((layout, torch.float32) for layout in LAYOUTS), ("nchw", torch.float64)]
+)
+@pytest.mark.parametrize("spec", TRITON_DEPTHWISE_CASES)
+def test_depthwise_matches_torch(spec, layout, dtype):
+    x, w, b = (t.to(DEVICE) if t is not None else None for t in make_problem(spec, dtype, layout))
+    params = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    out = cnnops.conv2d(x, w, b, **conv_args(spec), backend="triton")
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    ref = F.conv2d(x64, w64, b64, **conv_args(spec))
+    lengths = reduction_lengths(spec, ref.shape)
+    assert_close_to_reference(out, ref, lengths[0])
+    if layout == "channels_last" and out.numel() > 0:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    grads = torch.autograd.grad(out, params, grad_out.to(DEVICE))
+    refs = [t for t in (x64, w64, b64) if t is not None]
+    want = torch.autograd.grad(ref, refs, grad_out.double().to(DEVICE))
+    for name, got, exp, length in zip(
+        ("grad_input", "grad_weight", "grad_bias"), grads, want, lengths[1:], strict=False
+    ):
+        assert_close_to_reference(got, exp, length, name)
+
+
+def test_depthwise_gradcheck():
+    # fast_mode: a few random directions, not one interpreted launch per input element.
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(4, 1, 3, 3, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(4, dtype=torch.float64, device=DEVICE)
+    inputs = [t.requires_grad_() for t in (x, w, b)]
+
+    def fn(x, w, b):
+        return cnnops.conv2d(x, w, b, 2, 1, 1, 2, backend="triton")
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+# In the interpreter, tracing through triton_op's kernel launches (opcheck's AOT-dispatch test)
+# reaches fake tensors' data; that part runs on a GPU only.
+INTERPRETER_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_opcheck(layout):
+    x, w, b = make_problem(TRITON_DEPTHWISE_CASES[1].values[0], torch.float32, layout)
+    x, w, b = (t.to(DEVICE).requires_grad_() for t in (x, w, b))
+    args = (x, w, b, [2, 2], [1, 1], [1, 1], 6, "depthwise")
+    utils = "ALL" if DEVICE == "cuda" else INTERPRETER_OPCHECK
+    torch.library.opcheck(torch.ops.cnnops.conv2d_triton.default, args, test_utils=utils)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        pytest.param(
+            lambda x: cnnops.conv2d(x, torch.randn(8, 4, 3, 3, device=DEVICE), backend="triton"),
+            r"the triton backend \(so far only its depthwise algorithm\) needs a depthwise layer",
+            id="dense-layer",
+        ),
+        pytest.param(
+            lambda x: cnnops.conv2d(
+                x, torch.randn(4, 1, 3, 3, device=DEVICE), groups=4, backend="triton", algo="direct"
+            ),
+            "algo 'direct' is not available on the triton backend",
+            id="algo-not-on-triton",
+        ),
+    ],
+)
+def test_bad_input_raises_clear_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(torch.randn(1, 4, 6, 6, device=DEVICE))

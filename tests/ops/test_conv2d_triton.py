@@ -101,3 +101,21 @@ def test_opcheck(layout):
 def test_bad_input_raises_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
         call(torch.randn(1, 4, 6, 6, device=DEVICE))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_compile_fullgraph_on_gpu(dtype):
+    """torch.compile sees through triton_op to the kernels (a GPU only: Inductor does not run
+    Triton's interpreter)."""
+    x = torch.randn(2, 32, 14, 14, device="cuda", dtype=dtype).contiguous(
+        memory_format=torch.channels_last
+    )
+    w = torch.randn(32, 1, 3, 3, device="cuda", dtype=dtype)
+
+    @torch.compile(fullgraph=True)
+    def block(x, w):
+        return torch.relu(cnnops.conv2d(x, w, padding=1, groups=32, backend="triton"))
+
+    want = torch.relu(F.conv2d(x.float(), w.float(), padding=1, groups=32))
+    torch.testing.assert_close(block(x, w).float(), want, atol=2e-2, rtol=2e-2)

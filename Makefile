@@ -18,8 +18,9 @@ bench: $(BUILT)
 install: $(BUILT)
 
 # The GPU lane: uses the machine's own python3 (torch, triton, pytest preinstalled), no .venv.
+# The GPU machine's own python3 (torch preinstalled, no network); here, .venv's if it exists.
 gpu-check:
-	OUT=$(OUT) bench/gpu_check.sh
+	PYTHON=$${PYTHON:-$$( [ -x $(PY) ] && echo $(PY) || echo python3 )} OUT=$(OUT) bench/gpu_check.sh
 
 $(PY):
 	python3 -m venv $(VENV)

@@ -25,28 +25,28 @@ def depthwise_forward_kernel(
     HAS_BIAS: tl.constexpr, FP64: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     np_ = tl.program_id(0)
-    n = np_ // P
+    n = (np_ // P).to(tl.int64)  # offsets in int64: tensors may pass 2^31 elements
     p = np_ % P
     q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     k = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     q_ok = q < Q
     k_ok = k < K
     c = k // mult
+    c64 = c.to(tl.int64)  # a channel's plane offset may pass 2^31 (NCHW)
     acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float64 if FP64 else tl.float32)
     for r in tl.static_range(R):
-        y = p * STRIDE_H - pad_h + r * dil_h
+        y = (p * STRIDE_H - pad_h + r * dil_h).to(tl.int64)
         row_ok = (y >= 0) & (y < H)
         for s in tl.static_range(S):
             x = q * STRIDE_W - pad_w + s * dil_w
             ok = (row_ok & (x >= 0) & (x < W) & q_ok)[:, None] & k_ok[None, :]
-            xv = tl.load(
-                x_ptr + n * sxn + y * sxh + x[:, None] * sxw + c[None, :] * sxc, mask=ok, other=0.0
-            )
+            src = x_ptr + n * sxn + y * sxh + x[:, None] * sxw + c64[None, :] * sxc
+            xv = tl.load(src, mask=ok, other=0.0)
             wv = tl.load(w_ptr + k * (R * S) + (r * S + s), mask=k_ok, other=0.0)
             acc += xv.to(acc.dtype) * wv.to(acc.dtype)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + k, mask=k_ok, other=0.0).to(acc.dtype)[None, :]
-    out = y_ptr + n * syn + p * syh + q[:, None] * syw + k[None, :] * syc
+    out = y_ptr + n * syn + p * syh + q[:, None] * syw + k[None, :].to(tl.int64) * syc
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=q_ok[:, None] & k_ok[None, :])
 
 
@@ -64,8 +64,8 @@ def depthwise_grad_input_kernel(
     c * mult + j times their tap (r, s), over the taps whose read lands on it. Each program
     writes its own block of grad input: no atomics, so the result is deterministic."""
     ny = tl.program_id(0)
-    n = ny // H
-    y = ny % H
+    n = (ny // H).to(tl.int64)  # offsets in int64: tensors may pass 2^31 elements
+    y = (ny % H).to(tl.int64)
     x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     x_ok = x < W
@@ -81,7 +81,7 @@ def depthwise_grad_input_kernel(
             ok = row_ok & (q_num >= 0) & (q_num % STRIDE_W == 0) & (q < Q) & x_ok
             ok2 = ok[:, None] & c_ok[None, :]
             for j in range(mult):
-                k = c * mult + j
+                k = (c * mult + j).to(tl.int64)
                 gv = tl.load(
                     go_ptr + n * son + p * soh + q[:, None] * sow + k[None, :] * soc,
                     mask=ok2,
@@ -89,7 +89,7 @@ def depthwise_grad_input_kernel(
                 )
                 wv = tl.load(w_ptr + k * (R * S) + (r * S + s), mask=c_ok, other=0.0)
                 acc += gv.to(acc.dtype) * wv.to(acc.dtype)[None, :]
-    out = gi_ptr + n * sin_ + y * sih + x[:, None] * siw + c[None, :] * sic
+    out = gi_ptr + n * sin_ + y * sih + x[:, None] * siw + c[None, :].to(tl.int64) * sic
     tl.store(out, acc.to(gi_ptr.dtype.element_ty), mask=x_ok[:, None] & c_ok[None, :])
 
 
@@ -112,9 +112,11 @@ def depthwise_grad_weight_kernel(
     s = tap % S
     k_ok = k < K
     c = k // mult
+    k64 = k.to(tl.int64)  # plane offsets may pass 2^31 (NCHW)
+    c64 = c.to(tl.int64)
     acc = tl.zeros((BLOCK_PIX, BLOCK_C), dtype=tl.float64 if FP64 else tl.float32)
     for start in range(0, N * P * Q, BLOCK_PIX):
-        pix = start + tl.arange(0, BLOCK_PIX)
+        pix = start + tl.arange(0, BLOCK_PIX).to(tl.int64)  # may pass 2^31 elements
         pix_ok = pix < N * P * Q
         n = pix // (P * Q)
         p = (pix // Q) % P
@@ -123,12 +125,12 @@ def depthwise_grad_weight_kernel(
         x = q * STRIDE_W - pad_w + s * dil_w
         ok = (pix_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W))[:, None] & k_ok[None, :]
         gv = tl.load(
-            go_ptr + n[:, None] * son + p[:, None] * soh + q[:, None] * sow + k[None, :] * soc,
+            go_ptr + n[:, None] * son + p[:, None] * soh + q[:, None] * sow + k64[None, :] * soc,
             mask=ok,
             other=0.0,
         )
         xv = tl.load(
-            x_ptr + n[:, None] * sxn + y[:, None] * sxh + x[:, None] * sxw + c[None, :] * sxc,
+            x_ptr + n[:, None] * sxn + y[:, None] * sxh + x[:, None] * sxw + c64[None, :] * sxc,
             mask=ok,
             other=0.0,
         )

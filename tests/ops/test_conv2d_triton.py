@@ -119,3 +119,48 @@ def test_torch_compile_fullgraph_on_gpu(dtype):
 
     want = torch.relu(F.conv2d(x.float(), w.float(), padding=1, groups=32))
     torch.testing.assert_close(block(x, w).float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+def test_large_tensor_is_indexed_in_int64():
+    """Input and output past 2^31 elements: channel 1's plane starts past 2^30 and ends past 2^31,
+    where 32-bit offsets would wrap."""
+    x = torch.randn(1, 2, 33000, 33000, device="cuda", dtype=torch.float16)
+    w = torch.randn(2, 1, 3, 3, device="cuda", dtype=torch.float16)
+    assert x.numel() > 2**31
+    out = cnnops.conv2d(x, w, padding=1, groups=2, backend="triton")
+    # Output rows 1..4 and the last rows but one, from the input rows they read, in float32.
+    for first in (1, x.shape[2] - 5):
+        want = F.conv2d(x[:, :, first - 1 : first + 5].float(), w.float(), padding=(0, 1), groups=2)
+        torch.testing.assert_close(out[:, :, first : first + 4].float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture():
+    x = torch.randn(4, 64, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 1, 3, 3, device="cuda")
+    b = torch.randn(64, device="cuda")
+    conv = lambda: cnnops.conv2d(x, w, b, 2, 1, 1, 64, backend="triton")  # noqa: E731
+    want = conv()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        conv()  # warm-up: compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = conv()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(captured, conv())
+    assert not torch.equal(captured, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cuda_and_triton_agree(layout):
+    spec = TRITON_DEPTHWISE_CASES[2].values[0]
+    x, w, b = (t.cuda() for t in make_problem(spec, torch.float32, layout))
+    triton_out = cnnops.conv2d(x, w, b, **conv_args(spec), backend="triton")
+    cuda_out = cnnops.conv2d(x, w, b, **conv_args(spec), backend="cuda", algo="direct")
+    torch.testing.assert_close(triton_out, cuda_out, atol=1e-5, rtol=1e-5)

@@ -26,7 +26,7 @@ def depthwise_forward_kernel(
 ):  # fmt: skip
     np_ = tl.program_id(0)
     n = (np_ // P).to(tl.int64)  # offsets in int64: tensors may pass 2^31 elements
-    p = np_ % P
+    p = (np_ % P).to(tl.int64)
     q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     k = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     q_ok = q < Q

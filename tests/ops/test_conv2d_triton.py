@@ -122,10 +122,12 @@ def test_torch_compile_fullgraph_on_gpu(dtype):
 
 
 @pytest.mark.cuda
-def test_large_tensor_is_indexed_in_int64():
-    """Input and output past 2^31 elements: channel 1's plane starts past 2^30 and ends past 2^31,
-    where 32-bit offsets would wrap."""
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_large_tensor_is_indexed_in_int64(memory_format):
+    """Input and output past 2^31 elements: their last rows lie past 2^31, where 32-bit offsets
+    would wrap (in NCHW, channel 1's plane; in channels_last, the last rows of both)."""
     x = torch.randn(1, 2, 33000, 33000, device="cuda", dtype=torch.float16)
+    x = x.contiguous(memory_format=memory_format)
     w = torch.randn(2, 1, 3, 3, device="cuda", dtype=torch.float16)
     assert x.numel() > 2**31
     out = cnnops.conv2d(x, w, padding=1, groups=2, backend="triton")

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+from tolerance import assert_close_to_reference
 
 
 def case(n, c, h, w, k, kernel, stride=1, padding=0, dilation=1, groups=1, bias=True, id=None):
@@ -97,3 +99,33 @@ def reduction_lengths(spec, out_shape):
     cg, kg = spec["c"] // spec["groups"], spec["k"] // spec["groups"]
     taps = spec["kh"] * spec["kw"]
     return cg * taps, kg * taps, n * p * q, n * p * q
+
+
+def check_against_torch(conv, spec, dtype=torch.float32, layout="nchw", device="cpu"):
+    """conv(x, w, b) (a cnnops.conv2d call with spec's arguments) against float64 F.conv2d:
+    the output, its memory format (torch's rule: channels_last in, channels_last out), and the
+    gradients of every input, for one random grad output."""
+    x, w, b = (t.to(device) if t is not None else None for t in make_problem(spec, dtype, layout))
+    params = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    out = conv(x, w, b)
+
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    ref = F.conv2d(x64, w64, b64, **conv_args(spec))
+    lengths = reduction_lengths(spec, ref.shape)
+    assert_close_to_reference(out, ref, lengths[0])
+    if layout == "channels_last" and not x.is_contiguous():
+        # (An input with C == 1, or empty, is NCHW-contiguous too: either layout is right.)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+    grad_out = torch.randn(
+        ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    ).to(device)
+    grads = torch.autograd.grad(out, params, grad_out.to(dtype))
+    ref_grads = torch.autograd.grad(ref, [t for t in (x64, w64, b64) if t is not None], grad_out)
+    for name, got, want, length in zip(
+        ("grad_input", "grad_weight", "grad_bias"), grads, ref_grads, lengths[1:], strict=False
+    ):
+        assert_close_to_reference(got, want, length, name)

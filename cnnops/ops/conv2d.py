@@ -247,29 +247,29 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _conv2d_backward(ctx, grad_output):
-    input, weight = ctx.saved_tensors
-    mask = [
-        ctx.needs_input_grad[0],
-        ctx.needs_input_grad[1],
-        ctx.has_bias and ctx.needs_input_grad[2],
-    ]
-    grad_input, grad_weight, grad_bias = torch.ops.cnnops._conv2d_backward(
-        grad_output, input, weight, *ctx.conv_args, mask
-    )
-    return (
-        grad_input if mask[0] else None,
-        grad_weight if mask[1] else None,
-        grad_bias if mask[2] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+def _autograd_formula(backward_op):
+    """The backward of a conv2d op (C++ or Triton) through its backward op, which computes only
+    the gradients that are needed."""
+
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        mask = [
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2],
+        ]
+        grads = backward_op(grad_output, input, weight, *ctx.conv_args, mask)
+        needed = tuple(grad if need else None for grad, need in zip(grads, mask, strict=True))
+        return needed + (None,) * 5  # stride, padding, dilation, groups, algo
+
+    return backward
 
 
-torch.library.register_autograd("cnnops::conv2d", _conv2d_backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "cnnops::conv2d",
+    _autograd_formula(torch.ops.cnnops._conv2d_backward),
+    setup_context=_setup_context,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +309,8 @@ def _conv2d_triton(
     groups: int,
     algo: str,
 ) -> torch.Tensor:
+    import triton
+
     from cnnops.kernels import conv2d as kernels
 
     _check_triton_algo(algo)
@@ -322,8 +324,8 @@ def _conv2d_triton(
     w = weight.contiguous()
     grid = (
         g["n"] * g["p"],
-        triton_cdiv(g["q"], cfg["BLOCK_Q"]),
-        triton_cdiv(g["k"], cfg["BLOCK_C"]),
+        triton.cdiv(g["q"], cfg["BLOCK_Q"]),
+        triton.cdiv(g["k"], cfg["BLOCK_C"]),
     )
     torch.library.wrap_triton(kernels.depthwise_forward_kernel)[grid](
         input, w, bias if bias is not None else w, out,
@@ -348,6 +350,8 @@ def _conv2d_triton_backward(
     algo: str,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    import triton
+
     from cnnops.kernels import conv2d as kernels
 
     _check_triton_algo(algo)
@@ -364,8 +368,8 @@ def _conv2d_triton_backward(
             cfg = TRITON_CONFIGS["depthwise_grad_input"]
             grid = (
                 g["n"] * g["h"],
-                triton_cdiv(g["w"], cfg["BLOCK_X"]),
-                triton_cdiv(g["c"], cfg["BLOCK_C"]),
+                triton.cdiv(g["w"], cfg["BLOCK_X"]),
+                triton.cdiv(g["c"], cfg["BLOCK_C"]),
             )
             torch.library.wrap_triton(kernels.depthwise_grad_input_kernel)[grid](
                 grad_output, w, grad_input,
@@ -376,7 +380,7 @@ def _conv2d_triton_backward(
     if output_mask[1]:
         grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
         cfg = TRITON_CONFIGS["depthwise_grad_weight"]
-        grid = (triton_cdiv(g["k"], cfg["BLOCK_C"]), g["r"] * g["s"])
+        grid = (triton.cdiv(g["k"], cfg["BLOCK_C"]), g["r"] * g["s"])
         torch.library.wrap_triton(kernels.depthwise_grad_weight_kernel)[grid](
             grad_output, input, grad_weight,
             g["n"], g["h"], g["w"], g["p"], g["q"], g["k"], mult,
@@ -384,26 +388,6 @@ def _conv2d_triton_backward(
         )  # fmt: skip
     grad_bias = grad_output.sum((0, 2, 3)) if output_mask[2] else input.new_empty(0)
     return grad_input, grad_weight, grad_bias
-
-
-def triton_cdiv(a, b):
-    return (a + b - 1) // b
-
-
-def _autograd_formula(backward_op):
-    def backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        mask = [
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2],
-        ]
-        grads = backward_op(grad_output, input, weight, *ctx.conv_args, mask)
-        return (*(grad if need else None for grad, need in zip(grads, mask, strict=True)),) + (
-            None,
-        ) * 5
-
-    return backward
 
 
 # Explicit fake kernels: triton_op would trace the function itself, but in Triton's interpreter

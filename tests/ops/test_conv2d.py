@@ -3,7 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conv2d_cases import CASES, LAYOUTS, case, conv_args, make_problem, reduction_lengths
+from conv2d_cases import (
+    CASES,
+    LAYOUTS,
+    case,
+    check_against_torch,
+    conv_args,
+    make_problem,
+)
 from tolerance import assert_close_to_reference
 
 import cnnops
@@ -18,30 +25,9 @@ ALGOS_AND_AUTO = [*CPU_ALGOS, "auto"]
 @pytest.mark.parametrize("algo", ALGOS_AND_AUTO)
 @pytest.mark.parametrize("spec", CASES)
 def test_forward_and_gradients_match_torch(spec, algo, layout):
-    x, w, b = make_problem(spec, torch.float32, layout)
-    params = [t.requires_grad_() for t in (x, w, b) if t is not None]
-    out = cnnops.conv2d(x, w, b, **conv_args(spec), algo=algo)
-
-    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    b64 = b.detach().double().requires_grad_() if b is not None else None
-    ref = F.conv2d(x64, w64, b64, **conv_args(spec))
-    lengths = reduction_lengths(spec, ref.shape)
-    assert_close_to_reference(out, ref, lengths[0])
-    if layout == "channels_last" and not x.is_contiguous():
-        # (An input with C == 1, or empty, is NCHW-contiguous too: either layout is right.)
-        assert out.is_contiguous(memory_format=torch.channels_last)
-    else:
-        assert out.is_contiguous()
-
-    grad_out = torch.randn(
-        ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    check_against_torch(
+        lambda x, w, b: cnnops.conv2d(x, w, b, **conv_args(spec), algo=algo), spec, layout=layout
     )
-    grads = torch.autograd.grad(out, params, grad_out.float())
-    ref_grads = torch.autograd.grad(ref, [t for t in (x64, w64, b64) if t is not None], grad_out)
-    for name, got, want, length in zip(
-        ("grad_input", "grad_weight", "grad_bias"), grads, ref_grads, lengths[1:], strict=False
-    ):
-        assert_close_to_reference(got, want, length, name)
 
 
 @pytest.mark.parametrize("algo", CPU_ALGOS)
@@ -139,24 +125,12 @@ def test_depthwise_algo_matches_torch(spec, layout):
     4 vectors, single vectors and scalar channels for the rest), in NCHW the direct kernel; the
     backward passes are the direct ones. A channel multiplier goes through NCHW."""
     for dtype in (torch.float32, torch.float64):
-        x, w, b = make_problem(spec, dtype, layout)
-        params = [t.requires_grad_() for t in (x, w, b) if t is not None]
-        out = cnnops.conv2d(x, w, b, **conv_args(spec), algo="depthwise")
-        x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-        b64 = b.detach().double().requires_grad_() if b is not None else None
-        ref = F.conv2d(x64, w64, b64, **conv_args(spec))
-        lengths = reduction_lengths(spec, ref.shape)
-        assert_close_to_reference(out, ref, lengths[0])
-        if layout == "channels_last" and out.numel() > 0:
-            assert out.is_contiguous(memory_format=torch.channels_last)
-        grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
-        grads = torch.autograd.grad(out, params, grad_out)
-        refs = [t for t in (x64, w64, b64) if t is not None]
-        want = torch.autograd.grad(ref, refs, grad_out.double())
-        for name, got, exp, length in zip(
-            ("grad_input", "grad_weight", "grad_bias"), grads, want, lengths[1:], strict=False
-        ):
-            assert_close_to_reference(got, exp, length, name)
+        check_against_torch(
+            lambda x, w, b: cnnops.conv2d(x, w, b, **conv_args(spec), algo="depthwise"),
+            spec,
+            dtype,
+            layout,
+        )
 
 
 def test_depthwise_gradcheck_channels_last():

@@ -7,8 +7,7 @@ TRITON_INTERPRET=1), on small shapes; with one, natively on CUDA tensors.
 import pytest
 import torch
 import torch.nn.functional as F
-from conv2d_cases import LAYOUTS, case, conv_args, make_problem, reduction_lengths
-from tolerance import assert_close_to_reference
+from conv2d_cases import LAYOUTS, case, check_against_torch, conv_args, make_problem
 
 import cnnops
 
@@ -34,24 +33,13 @@ TRITON_DEPTHWISE_CASES = [
 )
 @pytest.mark.parametrize("spec", TRITON_DEPTHWISE_CASES)
 def test_depthwise_matches_torch(spec, layout, dtype):
-    x, w, b = (t.to(DEVICE) if t is not None else None for t in make_problem(spec, dtype, layout))
-    params = [t.requires_grad_() for t in (x, w, b) if t is not None]
-    out = cnnops.conv2d(x, w, b, **conv_args(spec), backend="triton")
-    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    b64 = b.detach().double().requires_grad_() if b is not None else None
-    ref = F.conv2d(x64, w64, b64, **conv_args(spec))
-    lengths = reduction_lengths(spec, ref.shape)
-    assert_close_to_reference(out, ref, lengths[0])
-    if layout == "channels_last" and out.numel() > 0:
-        assert out.is_contiguous(memory_format=torch.channels_last)
-    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
-    grads = torch.autograd.grad(out, params, grad_out.to(DEVICE))
-    refs = [t for t in (x64, w64, b64) if t is not None]
-    want = torch.autograd.grad(ref, refs, grad_out.double().to(DEVICE))
-    for name, got, exp, length in zip(
-        ("grad_input", "grad_weight", "grad_bias"), grads, want, lengths[1:], strict=False
-    ):
-        assert_close_to_reference(got, exp, length, name)
+    check_against_torch(
+        lambda x, w, b: cnnops.conv2d(x, w, b, **conv_args(spec), backend="triton"),
+        spec,
+        dtype,
+        layout,
+        DEVICE,
+    )
 
 
 def test_depthwise_gradcheck():

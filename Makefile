@@ -17,8 +17,8 @@ bench: $(BUILT)
 
 install: $(BUILT)
 
-# The GPU lane: uses the machine's own python3 (torch, triton, pytest preinstalled), no .venv.
-# The GPU machine's own python3 (torch preinstalled, no network); here, .venv's if it exists.
+# The GPU lane: the machine's own python3 (torch, triton, pytest preinstalled, no network), or
+# .venv's where one exists (a machine without a GPU, where it builds and collects the tests).
 gpu-check:
 	PYTHON=$${PYTHON:-$$( [ -x $(PY) ] && echo $(PY) || echo python3 )} OUT=$(OUT) bench/gpu_check.sh
 

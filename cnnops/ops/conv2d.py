@@ -150,7 +150,7 @@ def conv2d(
     """2-D convolution with the signature of torch.nn.functional.conv2d.
 
     algo: "auto", "direct", "im2col" or "depthwise" (groups == input channels), where the backend
-        has it ("implicit_gemm" on Triton).
+        has it (BACKEND_ALGOS).
         "auto" lets the backend choose, separately for the forward and the backward pass.
     backend: None (see cnnops.use_backend), "cpu", "cuda" or "triton".
     An explicit algo or backend that cannot serve the call raises.
@@ -292,9 +292,11 @@ def _triton_conv_geometry(input, weight, stride, padding, dilation):
 
 
 def _check_triton_algo(algo):
-    if algo not in ("auto", "depthwise"):
+    # Again here: the triton ops can be called directly, without conv2d()'s checks.
+    if algo != "auto" and algo not in BACKEND_ALGOS["triton"]:
         raise ValueError(
-            f"conv2d: algo {algo!r} is not available on the triton backend (it has: depthwise)"
+            f"conv2d: algo {algo!r} is not available on the triton backend "
+            f"(it has: {', '.join(BACKEND_ALGOS['triton'])})"
         )
 
 

@@ -845,7 +845,8 @@ constexpr int64_t kPrefetchInputBytes = int64_t{32} << 10;
 
 struct DirectTasks {
   const void* input;     // NCHW-contiguous
-  int64_t chunks;        // tasks per (sample, group): each takes a share of its output blocks
+  int64_t chunks;        // tasks per (sample, group), or per group for channel tiles: each takes a
+                         // share of its output blocks
   const void* weight;    // (K, C/groups, R, S), contiguous
   const void* bias;      // or nullptr
   void* out;
@@ -1828,10 +1829,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   const bool use_im2col = algo == "im2col" || (by_default && s.channels_per_group() > 1);
   const bool rest_of_grad_in = output_mask[0] && !grad_in_by_forward;
   const bool rest_of_grad_w = output_mask[1] && !grad_w_by_tiles;
+  // The other paths add into grad input; the NHWC depthwise gather writes every element of it.
   at::Tensor grad_in = !output_mask[0] ? at::empty({0}, input.options())
                        : grad_in_by_forward && s.N > 0
                            ? grad_input_by_forward_conv(grad_output, weight, s, dilation).contiguous(fmt)
-                           : at::zeros_like(input, input.options().memory_format(fmt));
+                       : depthwise_nhwc ? at::empty_like(input, input.options().memory_format(fmt))
+                                        : at::zeros_like(input, input.options().memory_format(fmt));
   at::Tensor grad_w = output_mask[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
                                      : at::empty({0}, input.options());
   at::Tensor grad_b = output_mask[2] ? at::zeros({s.K}, input.options()) : at::empty({0}, input.options());

@@ -61,6 +61,13 @@ def parse_args(argv, modules):
         help="batch sizes (default per device: 1 8 on CPU, 32 on GPU)",
     )
     parser.add_argument(
+        "--dtype",
+        nargs="+",
+        dest="dtypes",
+        choices=("float32", "float16", "bfloat16"),
+        help="dtypes (default per device: float32 on CPU, float32 float16 on GPU)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="a few small cases, few repetitions (smoke test)"
     )
     parser.add_argument(
@@ -114,6 +121,7 @@ def main(argv=None):
             device,
             sets=args.sets,
             batches=args.batches,
+            dtypes=args.dtypes,
             quick=args.quick,
             channels_last=args.channels_last,
             backward=args.backward,

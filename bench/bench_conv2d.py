@@ -50,8 +50,10 @@ PROVIDERS = (
     ),  # cuDNN's NHWC kernels
     Conv2dProvider("cuda-direct", "cuda", "direct", device_type="cuda"),
     Conv2dProvider("cuda-im2col", "cuda", "im2col", device_type="cuda"),
+    Conv2dProvider("cuda-depthwise", "cuda", "depthwise", device_type="cuda", depthwise_only=True),
     Conv2dProvider("cuda-auto", "cuda", "auto", device_type="cuda"),
     Conv2dProvider("triton-implicit_gemm", "triton", "implicit_gemm", device_type="cuda"),
+    Conv2dProvider("triton-direct", "triton", "direct", device_type="cuda", sets=GROUPED_SETS),
     Conv2dProvider(
         "triton-depthwise", "triton", "depthwise", device_type="cuda", depthwise_only=True
     ),
@@ -222,6 +224,7 @@ def build_cases(
     *,
     sets=None,
     batches=None,
+    dtypes=None,
     quick=False,
     channels_last=False,
     backward=False,
@@ -244,7 +247,7 @@ def build_cases(
         layers = CONV_SETS[set_name]
         if quick:
             layers = [min(layers, key=lambda layer: conv_flops(layer, 1))]
-        for dtype_name in DTYPES_BY_DEVICE[device.type]:
+        for dtype_name in dtypes or DTYPES_BY_DEVICE[device.type]:
             for batch in batches:
                 for layer in layers:
                     cases.append(

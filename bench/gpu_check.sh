@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make gpu-check [OUT=dir]`: the GPU lane, for a machine with a GPU whose Python already has
 # torch, triton and pytest and that may have no network. Builds cnnops for the local GPU with
-# that Python (nothing is downloaded), runs `pytest -m cuda`, then the GPU benchmarks, which
-# write bench/results/<gpu-name>.md|csv. With OUT set, logs and results are copied there too.
+# that Python (nothing is downloaded), runs `pytest -m cuda`, then the GPU benchmarks in NCHW
+# and channels_last, which write bench/results/<gpu-name>[-channels-last].md|csv. With OUT set, logs and results are copied there too.
 # Every stage runs even if an earlier check failed, so one failure does not hide the others;
 # the exit status is 1 if any stage failed.
 set -uo pipefail
@@ -42,8 +42,13 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} CNNOPS_CUDA=1 MAX_JOBS=${MAX
     --no-index --no-build-isolation --no-deps -e . || exit 1
 stage tests "${TESTS_LIMIT:-300}" "$PYTHON" -m pytest -m cuda tests -q -ra || status=1
 if [ "$have_gpu" = 1 ]; then
+    # Every provider on NCHW inputs (cuDNN's channels_last kernels as the torch-nhwc provider),
+    # then every provider on channels_last inputs: the layout the implicit GEMM goal is set in.
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-    stage bench "${BENCH_LIMIT:-300}" "$PYTHON" -m bench --device cuda ${BENCH_ARGS:-} || status=1
+    stage bench "${BENCH_LIMIT:-200}" "$PYTHON" -m bench --device cuda ${BENCH_ARGS:-} || status=1
+    # shellcheck disable=SC2086
+    stage bench-channels-last "${BENCH_LIMIT:-200}" "$PYTHON" -m bench --device cuda \
+        --channels-last ${BENCH_ARGS:-} || status=1
 else
     echo "make gpu-check: no GPU, so no GPU benchmarks; the build and the test collection ran"
 fi

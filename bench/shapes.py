@@ -97,4 +97,6 @@ CONV_SETS = {
 # TODO(gpu): the GPU set list and dtypes are to be settled with the GPU lane.
 CONV_SETS_BY_DEVICE = {"cpu": tuple(CONV_SETS), "cuda": tuple(CONV_SETS)}
 BATCHES_BY_DEVICE = {"cpu": (1, 8), "cuda": (32,)}
-DTYPES_BY_DEVICE = {"cpu": ("float32",), "cuda": ("float32",)}
+# On a GPU, float16 is where tensor cores (implicit GEMM, cuDNN) are judged; float32 follows
+# torch.backends.cudnn.allow_tf32 on both sides.
+DTYPES_BY_DEVICE = {"cpu": ("float32",), "cuda": ("float32", "float16")}

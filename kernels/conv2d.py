@@ -136,3 +136,220 @@ def depthwise_grad_weight_kernel(
         )
         acc += gv.to(acc.dtype) * xv.to(acc.dtype)
     tl.store(gw_ptr + k * (R * S) + tap, tl.sum(acc, axis=0).to(gw_ptr.dtype.element_ty), mask=k_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# direct and implicit_gemm: the GEMM-shaped kernels.
+#
+# A convolution is a GEMM whose operands are gathered on the fly, never written to memory (no
+# im2col buffer): forward is (N*P*Q) x (C_in/groups * R * S) times (C_in/groups * R * S) x
+# (C_out/groups), one GEMM per group, the group on grid axis 1. Each program owns a
+# BLOCK_M x BLOCK_N tile of the result and walks the reduction in one flat loop over
+# (tap, channel block), so that Triton pipelines the loads across taps too (a layer with 64
+# channels per group has only two channel blocks per tap). Per iteration the rows' input
+# coordinates and padding masks are recomputed (vectors of BLOCK_M), then a BLOCK_M x BLOCK_K
+# tile of the input and a BLOCK_K x BLOCK_N tile of the weight are loaded through their strides.
+# The launcher passes the activations in channels_last, so that the tiles' channels are
+# contiguous and their loads vectorise, and the weight permuted so that its tile's inner
+# dimension is contiguous; results are stored in whatever layout the caller's tensor has.
+#
+# implicit_gemm multiplies the tiles with tl.dot (tensor cores; float32 as TF32 when the caller
+# allows it). direct multiplies them with plain FMAs (a broadcast product summed over BLOCK_K),
+# exact in any dtype including float64, which tensor cores do not take.
+#
+# Backward: grad input is the transposed problem, (N*H*W) x (C_out/groups * R * S) times
+# (C_out/groups * R * S) x (C_in/groups): input pixel (y, x) gathers grad output (p, q) over the
+# taps whose read lands on it (with stride > 1, only the taps where the stride divides the
+# offset; the rest are masked). grad weight is (C_out/groups) x (N*P*Q) times (N*P*Q) x
+# (C_in/groups) for each tap: the reduction over N*P*Q is split into SPLIT chunks, each program
+# writes its chunk's partial sum, and the launcher adds the partials: deterministic, no atomics,
+# and enough programs for a GPU even when C_out * C_in is small.
+
+
+@triton.jit
+def _multiply_accumulate(acc, a, b, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    if USE_DOT:
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        return acc + tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
+
+
+@triton.jit
+def conv2d_forward_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, H, W, P, Q, CG, KG, R, S,
+    sxn, sxc, sxh, sxw,
+    swr, sws, swc, swk,
+    syn, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    g = tl.program_id(1)
+    # Neighbouring programs take the output-channel tiles of one pixel tile: its input tile is
+    # read from L2 by all of them (the weight is small enough to stay there anyway).
+    n_tiles = tl.cdiv(KG, BLOCK_N)
+    # Rows: output pixels n*P*Q + p*Q + q (fewer than 2^31: the launcher checks). What a row
+    # keeps across the loop is small, because a warp's threads may all hold the same rows: its
+    # address (int64: tensors may pass 2^31 elements) and its first input row and column, which
+    # rows past the end push out of range so that one bounds test covers them.
+    m = (tl.program_id(0) // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = m // (P * Q)
+    p = (m // Q) % P
+    q = m % Q
+    y0 = tl.where(m < N * P * Q, p * stride_h - pad_h, -H - (R - 1) * dil_h - 1)
+    x0 = q * stride_w - pad_w
+    x_rows = x_ptr + n.to(tl.int64) * sxn + (g * CG).to(tl.int64) * sxc
+    k = (tl.program_id(0) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)  # channel in the group
+    k_ok = k < KG
+    cb = tl.arange(0, BLOCK_K)
+    w_cols = w_ptr + (g * KG + k) * swk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if FP64 else tl.float32)
+    channel_blocks = tl.cdiv(CG, BLOCK_K)
+    for i in range(R * S * channel_blocks):
+        tap = i // channel_blocks
+        r = tap // S
+        s = tap % S
+        c = (i % channel_blocks) * BLOCK_K + cb
+        c_ok = c < CG
+        y = y0 + r * dil_h
+        x = x0 + s * dil_w
+        row_ok = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        a = tl.load(
+            x_rows[:, None]
+            + (y.to(tl.int64) * sxh + x.to(tl.int64) * sxw)[:, None]
+            + c[None, :].to(tl.int64) * sxc,
+            mask=row_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_cols[None, :] + r * swr + s * sws + c[:, None] * swc,
+            mask=c_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        acc = _multiply_accumulate(acc, a, b, USE_DOT, INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + g * KG + k, mask=k_ok, other=0.0).to(acc.dtype)[None, :]
+    m_ok = m < N * P * Q
+    out = (
+        y_ptr
+        + (n.to(tl.int64) * syn + p.to(tl.int64) * syh + q.to(tl.int64) * syw)[:, None]
+        + (g * KG + k)[None, :].to(tl.int64) * syc
+    )
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def conv2d_grad_input_kernel(
+    go_ptr, w_ptr, gi_ptr,
+    N, H, W, P, Q, CG, KG, R, S,
+    son, soc, soh, sow,
+    swr, sws, swk, swc,
+    sin_, sic, sih, siw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    g = tl.program_id(1)
+    n_tiles = tl.cdiv(CG, BLOCK_N)  # neighbouring programs share a pixel tile, as in the forward
+    # Rows: input pixels n*H*W + y*W + x, kept as lean as in the forward kernel. p_num and
+    # q_num are the output coordinates times the stride that read (y, x) through tap (0, 0).
+    m = (tl.program_id(0) // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = m // (H * W)
+    y = (m // W) % H
+    x = m % W
+    p0 = tl.where(m < N * H * W, y + pad_h, -1)
+    q0 = x + pad_w
+    go_rows = go_ptr + n.to(tl.int64) * son + (g * KG).to(tl.int64) * soc
+    c = (tl.program_id(0) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)  # channel in the group
+    c_ok = c < CG
+    kb = tl.arange(0, BLOCK_K)
+    w_cols = w_ptr + (g * KG) * swk + c * swc
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if FP64 else tl.float32)
+    channel_blocks = tl.cdiv(KG, BLOCK_K)
+    for i in range(R * S * channel_blocks):
+        tap = i // channel_blocks
+        r = tap // S
+        s = tap % S
+        k = (i % channel_blocks) * BLOCK_K + kb
+        k_ok = k < KG
+        # The output pixel that reads (y, x) through tap (r, s), where there is one.
+        p_num = p0 - r * dil_h
+        q_num = q0 - s * dil_w
+        p = p_num // stride_h
+        q = q_num // stride_w
+        row_ok = (p_num >= 0) & (q_num >= 0) & (p < P) & (q < Q)
+        row_ok = row_ok & (p_num % stride_h == 0) & (q_num % stride_w == 0)
+        a = tl.load(
+            go_rows[:, None]
+            + (p.to(tl.int64) * soh + q.to(tl.int64) * sow)[:, None]
+            + k[None, :].to(tl.int64) * soc,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_cols[None, :] + r * swr + s * sws + k[:, None] * swk,
+            mask=k_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        )
+        acc = _multiply_accumulate(acc, a, b, USE_DOT, INPUT_PRECISION)
+    m_ok = m < N * H * W
+    out = (
+        gi_ptr
+        + (n.to(tl.int64) * sin_ + y.to(tl.int64) * sih + x.to(tl.int64) * siw)[:, None]
+        + (g * CG + c)[None, :].to(tl.int64) * sic
+    )
+    tl.store(out, acc.to(gi_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def conv2d_grad_weight_kernel(
+    go_ptr, x_ptr, gw_ptr,
+    N, H, W, P, Q, CG, KG, R, S, PIX_PER_SPLIT,
+    son, soc, soh, sow,
+    sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Writes partial sums: gw_ptr is (SPLIT, C_out, C_in/groups, R, S), contiguous."""
+    n_blocks = tl.cdiv(CG, BLOCK_N)
+    k = (tl.program_id(0) // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)  # output channel in group
+    c = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel in group
+    k_ok = k < KG
+    c_ok = c < CG
+    groups = tl.num_programs(1) // (R * S)
+    g = tl.program_id(1) // (R * S)
+    tap = tl.program_id(1) % (R * S)
+    r = tap // S
+    s = tap % S
+    split = tl.program_id(2)
+    go_cols = go_ptr + (g * KG + k).to(tl.int64) * soc
+    x_cols = x_ptr + (g * CG + c).to(tl.int64) * sxc
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if FP64 else tl.float32)
+    start = split * PIX_PER_SPLIT  # output pixels n*P*Q + p*Q + q (fewer than 2^31)
+    end = tl.minimum(start + PIX_PER_SPLIT, N * P * Q)
+    for pix0 in range(start, end, BLOCK_K):
+        pix = pix0 + tl.arange(0, BLOCK_K)
+        pix_ok = pix < end
+        n = (pix // (P * Q)).to(tl.int64)
+        p = (pix // Q) % P
+        q = pix % Q
+        y = p * stride_h - pad_h + r * dil_h
+        x = q * stride_w - pad_w + s * dil_w
+        in_ok = pix_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        a = tl.load(
+            go_cols[:, None] + (n * son + p.to(tl.int64) * soh + q.to(tl.int64) * sow)[None, :],
+            mask=k_ok[:, None] & pix_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            x_cols[None, :] + (n * sxn + y.to(tl.int64) * sxh + x.to(tl.int64) * sxw)[:, None],
+            mask=in_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        )
+        acc = _multiply_accumulate(acc, a, b, USE_DOT, INPUT_PRECISION)
+    out = gw_ptr + (((split * groups + g) * KG + k[:, None]).to(tl.int64) * CG + c[None, :]) * (
+        R * S
+    )
+    tl.store(out + tap, acc.to(gw_ptr.dtype.element_ty), mask=k_ok[:, None] & c_ok[None, :])

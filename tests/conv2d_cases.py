@@ -56,6 +56,21 @@ CASES = [
     case(2, 5, 21, 21, 4, 3, padding=12, dilation=12, id="aspp-blocks-dense"),
 ]
 
+# The depthwise layers of CASES and more, for the depthwise algorithms of every backend.
+# Channels (for the CPU's channels_last kernel): two whole vectors and no block of 4; a block
+# then 2 vectors; a vector and a scalar.
+DEPTHWISE_CASES = [
+    *(c for c in CASES if c.values[0]["groups"] == c.values[0]["c"] > 1),
+    case(2, 32, 12, 12, 32, 3, padding=1, groups=32, id="dw-32ch"),
+    case(2, 96, 13, 11, 96, 3, stride=2, padding=1, groups=96, id="dw-96ch-s2"),
+    case(1, 17, 7, 8, 17, 5, padding=2, groups=17, id="dw-17ch-5x5"),
+    case(2, 80, 9, 9, 80, 3, padding=2, dilation=2, groups=80, id="dw-80ch-dil2"),
+    case(1, 65, 6, 5, 65, 3, groups=65, bias=False, id="dw-65ch-no-pad-no-bias"),
+    case(2, 64, 9, 9, 64, 7, stride=2, padding=3, groups=64, id="dw-64ch-7x7-s2"),
+    case(2, 16, 5, 5, 32, 3, padding=1, groups=16, id="dw-mult2"),
+    case(0, 16, 5, 5, 16, 3, padding=1, groups=16, id="dw-batch0"),
+]
+
 LAYOUTS = ["nchw", "channels_last", "non_contiguous"]
 
 

@@ -6,6 +6,9 @@ torch.nn.functional.conv2d accepts them, checks them, picks the backend and call
 kernels resolve algo="auto" themselves, separately for the forward and backward pass.
 """
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -16,8 +19,8 @@ ALGOS = ("direct", "im2col", "implicit_gemm", "depthwise")
 # The algorithms each backend has kernels for.
 BACKEND_ALGOS = {
     "cpu": ("direct", "im2col", "depthwise"),
-    "cuda": ("direct", "im2col"),
-    "triton": ("depthwise",),
+    "cuda": ("direct", "im2col", "depthwise"),
+    "triton": ("direct", "implicit_gemm", "depthwise"),
 }
 
 
@@ -149,8 +152,8 @@ def conv2d(
 ):
     """2-D convolution with the signature of torch.nn.functional.conv2d.
 
-    algo: "auto", "direct", "im2col" or "depthwise" (groups == input channels), where the backend
-        has it (BACKEND_ALGOS).
+    algo: "auto", "direct", "im2col", "implicit_gemm" or "depthwise" (groups == input channels),
+        where the backend has it (BACKEND_ALGOS).
         "auto" lets the backend choose, separately for the forward and the backward pass.
     backend: None (see cnnops.use_backend), "cpu", "cuda" or "triton".
     An explicit algo or backend that cannot serve the call raises.
@@ -185,18 +188,8 @@ def conv2d(
             f"conv2d: algo {algo!r} is not available on the {backend} backend "
             f"(it has: {', '.join(BACKEND_ALGOS[backend])})"
         )
-    depthwise = groups == input.shape[1] and weight.shape[0] % groups == 0
-    if not depthwise and (algo == "depthwise" or backend == "triton"):
-        who = (
-            "algo 'depthwise'"
-            if algo == "depthwise"
-            else "the triton backend (so far only its depthwise algorithm)"
-        )
-        raise ValueError(
-            f"conv2d: {who} needs a depthwise layer (groups == input channels, output channels a "
-            f"multiple of them); got groups={groups}, {input.shape[1]} input and "
-            f"{weight.shape[0]} output channels"
-        )
+    if algo == "depthwise" and not _is_depthwise(input, weight, groups):
+        raise ValueError(_not_depthwise_message(input, weight, groups))
     args = (input, weight, bias, stride, padding, dilation, groups, algo)
     if backend == "triton":
         return torch.ops.cnnops.conv2d_triton.default(*args)
@@ -206,6 +199,14 @@ def conv2d(
     # only redispatches here, and costs ~10 us a call, 5% of a batch-1 ResNeXt layer.
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.cnnops.conv2d.default(*args)
+
+
+def _not_depthwise_message(input, weight, groups):
+    return (
+        "conv2d: algo 'depthwise' needs a depthwise layer (groups == input channels, output "
+        f"channels a multiple of them); got groups={groups}, {input.shape[1]} input and "
+        f"{weight.shape[0]} output channels"
+    )
 
 
 def _needs_autograd(*tensors):
@@ -274,30 +275,156 @@ torch.library.register_autograd(
 
 # ---------------------------------------------------------------------------------------------
 # The triton backend: its own ops, made with triton_op so that torch.compile sees the kernels.
-# The kernels live in cnnops.kernels.conv2d; so far the depthwise algorithm.
+# The kernels live in cnnops.kernels.conv2d.
 
-# Launch configurations, kept as data: block sizes per kernel.
+# Launch configurations, kept as data.
+# - depthwise kernels: one block shape each.
+# - direct and implicit_gemm (three GEMM-shaped kernels each: forward, grad input, grad weight):
+#   on a GPU, triton.autotune times "autotune" once per problem shape and keeps the fastest.
+#   Triton's interpreter (no GPU) runs "interpreter": small tiles, so that the small test shapes
+#   span several tiles in every dimension. grad weight splits its reduction over N*P*Q into
+#   chunks of at least "split_min_pixels" (tests/kernels/aot_compile.py compiles every config).
 TRITON_CONFIGS = {
     "depthwise_forward": {"BLOCK_Q": 16, "BLOCK_C": 32},
     "depthwise_grad_input": {"BLOCK_X": 16, "BLOCK_C": 32},
     "depthwise_grad_weight": {"BLOCK_PIX": 64, "BLOCK_C": 32},
+    "implicit_gemm": {
+        "autotune": [
+            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4),
+            dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
+            dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4),
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
+        ],
+        "interpreter": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16),
+        "split_min_pixels": {"gpu": 1024, "interpreter": 64},
+    },
+    "direct": {
+        "autotune": [
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=4, num_warps=4, num_stages=2),
+            dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=4, num_warps=4, num_stages=2),
+            dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=8, num_warps=4, num_stages=2),
+        ],
+        "interpreter": dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=8),
+        "split_min_pixels": {"gpu": 1024, "interpreter": 64},
+    },
 }
 
+# What the autotuners key their choice on: the problem's sizes, and its layout (through the
+# channel stride, 1 in channels_last).
+_AUTOTUNE_KEYS = {
+    "conv2d_forward_kernel": ["N", "H", "W", "P", "Q", "CG", "KG", "R", "S", "sxc", "stride_h"],
+    "conv2d_grad_input_kernel": ["N", "H", "W", "P", "Q", "CG", "KG", "R", "S", "sic", "stride_h"],
+    "conv2d_grad_weight_kernel": [
+        "N", "H", "W", "P", "Q", "CG", "KG", "R", "S", "sxc", "stride_h", "PIX_PER_SPLIT",
+    ],
+}  # fmt: skip
 
-def _triton_conv_geometry(input, weight, stride, padding, dilation):
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _gemm_kernel(name, algo):
+    """(kernel, fixed block sizes) for a GEMM-shaped kernel: autotuned over TRITON_CONFIGS[algo]
+    on a GPU (the block sizes then come from the autotuner), one config in the interpreter."""
+    import triton
+    import triton.testing
+
+    from cnnops.kernels import conv2d as kernels
+
+    kernel = getattr(kernels, name)
+    configs = TRITON_CONFIGS[algo]
+    if _interpreting():
+        return kernel, configs["interpreter"]
+    tuned = triton.autotune(
+        [
+            triton.Config(
+                {k: v for k, v in c.items() if k.startswith("BLOCK_")},
+                num_warps=c["num_warps"],
+                num_stages=c["num_stages"],
+            )
+            for c in configs["autotune"]
+        ],
+        key=_AUTOTUNE_KEYS[name],
+        # Shorter timing than Triton's default (25 + 100 ms per config): a new layer shape costs
+        # about a quarter second per kernel, and the configs differ by far more than the noise.
+        do_bench=functools.partial(triton.testing.do_bench, warmup=10, rep=40),
+    )(kernel)
+    return tuned, {}
+
+
+def _triton_conv_geometry(input, weight, stride, padding, dilation, groups):
     n, c, h, w = input.shape
     k, _, r, s = weight.shape
-    _, _, p, q = conv2d_output_shape(input.shape, weight.shape, stride, padding, dilation, c)
+    _, _, p, q = conv2d_output_shape(input.shape, weight.shape, stride, padding, dilation, groups)
     return dict(n=n, c=c, h=h, w=w, k=k, r=r, s=s, p=p, q=q)
 
 
-def _check_triton_algo(algo):
-    # Again here: the triton ops can be called directly, without conv2d()'s checks.
+def _is_depthwise(input, weight, groups):
+    return groups == input.shape[1] and weight.shape[0] % groups == 0
+
+
+def _triton_algo(algo, input, weight, groups):
+    """The triton algorithm that runs this call: "auto" resolved, an explicit one checked.
+    (Again here: the triton ops can be called directly, without conv2d()'s checks.)"""
     if algo != "auto" and algo not in BACKEND_ALGOS["triton"]:
         raise ValueError(
             f"conv2d: algo {algo!r} is not available on the triton backend "
             f"(it has: {', '.join(BACKEND_ALGOS['triton'])})"
         )
+    depthwise = _is_depthwise(input, weight, groups)
+    if algo == "depthwise" and not depthwise:
+        raise ValueError(_not_depthwise_message(input, weight, groups))
+    if algo != "auto":
+        return algo
+    if depthwise:
+        return "depthwise"
+    # Tensor cores take no float64: the FMA kernel is the one for it.
+    return "direct" if input.dtype == torch.float64 else "implicit_gemm"
+
+
+def _channels_last(t):
+    """`t` in channels_last, copied only if it is not. The GEMM kernels read and write their
+    activations through strides, but only in channels_last are they fast: a tile's channels are
+    contiguous. In an NCHW tile Triton sees no contiguity along the pixels (q = m % Q), spreads
+    the warp along the channels instead, and every thread then keeps every row's coordinates:
+    the kernels spill (tests/kernels/aot_compile.py). So NCHW goes in and out through a copy,
+    as cuDNN's tensor-core kernels do it."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _channels_last_target(result):
+    """Where a GEMM kernel writes `result`: into it if it is channels_last, else into a
+    channels_last tensor that is then copied into it (see _channels_last)."""
+    if result.is_contiguous(memory_format=torch.channels_last):
+        return result
+    return torch.empty_like(result, memory_format=torch.channels_last)
+
+
+def _check_pixel_count(what, count):
+    # The GEMM kernels index pixels (not elements) in int32.
+    if count >= 2**31:
+        raise ValueError(
+            f"conv2d: the triton backend's direct and implicit_gemm kernels take fewer than 2^31 "
+            f"{what} pixels (batch x height x width), got {count}; split the batch"
+        )
+
+
+def _gemm_options(algo, dtype):
+    use_dot = algo == "implicit_gemm" and dtype != torch.float64
+    # TF32 for float32 exactly when torch's own convolution would use it.
+    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    return dict(
+        USE_DOT=use_dot,
+        INPUT_PRECISION="tf32" if tf32 else "ieee",
+        FP64=dtype == torch.float64,
+    )
+
+
+def _conv_scalars(stride, padding, dilation):
+    return (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
 
 
 @torch.library.triton_op("cnnops::conv2d_triton", mutates_args=())
@@ -311,17 +438,48 @@ def _conv2d_triton(
     groups: int,
     algo: str,
 ) -> torch.Tensor:
-    import triton
-
-    from cnnops.kernels import conv2d as kernels
-
-    _check_triton_algo(algo)
-    g = _triton_conv_geometry(input, weight, stride, padding, dilation)
+    algo = _triton_algo(algo, input, weight, groups)
+    g = _triton_conv_geometry(input, weight, stride, padding, dilation, groups)
     out = input.new_empty((g["n"], g["k"], g["p"], g["q"])).contiguous(
         memory_format=conv2d_memory_format(input)
     )
     if out.numel() == 0:
         return out
+    if algo == "depthwise":
+        _depthwise_forward(input, weight, bias, out, g, stride, padding, dilation)
+        return out
+    import triton
+
+    _check_pixel_count("input", g["n"] * g["h"] * g["w"])
+    _check_pixel_count("output", g["n"] * g["p"] * g["q"])
+    input = _channels_last(input)
+    target = _channels_last_target(out)
+    kernel, cfg = _gemm_kernel("conv2d_forward_kernel", algo)
+    # (R, S, C_in/groups, C_out): the weight tile's output channels are contiguous.
+    w = weight.permute(2, 3, 1, 0).contiguous()
+    cg, kg = g["c"] // groups, g["k"] // groups
+
+    def grid(meta):
+        tiles = triton.cdiv(g["n"] * g["p"] * g["q"], meta["BLOCK_M"])
+        return (tiles * triton.cdiv(kg, meta["BLOCK_N"]), groups)
+
+    torch.library.wrap_triton(kernel)[grid](
+        input, w, bias if bias is not None else w, target,
+        g["n"], g["h"], g["w"], g["p"], g["q"], cg, kg, g["r"], g["s"],
+        *input.stride(), *w.stride(), *target.stride(),
+        *_conv_scalars(stride, padding, dilation),
+        HAS_BIAS=bias is not None, **_gemm_options(algo, input.dtype), **cfg,
+    )  # fmt: skip
+    if target is not out:
+        out.copy_(target)
+    return out
+
+
+def _depthwise_forward(input, weight, bias, out, g, stride, padding, dilation):
+    import triton
+
+    from cnnops.kernels import conv2d as kernels
+
     cfg = TRITON_CONFIGS["depthwise_forward"]
     w = weight.contiguous()
     grid = (
@@ -337,7 +495,6 @@ def _conv2d_triton(
         R=g["r"], S=g["s"], STRIDE_H=stride[0], STRIDE_W=stride[1],
         HAS_BIAS=bias is not None, FP64=input.dtype == torch.float64, **cfg,
     )  # fmt: skip
-    return out
 
 
 @torch.library.triton_op("cnnops::_conv2d_triton_backward", mutates_args=())
@@ -352,44 +509,127 @@ def _conv2d_triton_backward(
     algo: str,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    import triton
-
-    from cnnops.kernels import conv2d as kernels
-
-    _check_triton_algo(algo)
-    g = _triton_conv_geometry(input, weight, stride, padding, dilation)
-    mult = g["k"] // g["c"]
-    conv = (padding[0], padding[1], dilation[0], dilation[1])
-    fp64 = input.dtype == torch.float64
-    taps = dict(R=g["r"], S=g["s"], STRIDE_H=stride[0], STRIDE_W=stride[1], FP64=fp64)
-    w = weight.contiguous()
+    algo = _triton_algo(algo, input, weight, groups)
+    g = _triton_conv_geometry(input, weight, stride, padding, dilation, groups)
+    if algo == "depthwise":
+        backward = _depthwise_backward
+    else:
+        backward = _gemm_backward
+        _check_pixel_count("input", g["n"] * g["h"] * g["w"])
+        _check_pixel_count("output", g["n"] * g["p"] * g["q"])
+        grad_output = _channels_last(grad_output)
+        if output_mask[1]:
+            input = _channels_last(input)
     grad_input = input.new_empty(0)
     if output_mask[0]:
         grad_input = torch.empty_like(input, memory_format=conv2d_memory_format(input))
         if grad_input.numel() > 0:
-            cfg = TRITON_CONFIGS["depthwise_grad_input"]
-            grid = (
-                g["n"] * g["h"],
-                triton.cdiv(g["w"], cfg["BLOCK_X"]),
-                triton.cdiv(g["c"], cfg["BLOCK_C"]),
-            )
-            torch.library.wrap_triton(kernels.depthwise_grad_input_kernel)[grid](
-                grad_output, w, grad_input,
-                g["h"], g["w"], g["p"], g["q"], g["c"], mult,
-                *grad_output.stride(), *grad_input.stride(), *conv, **taps, **cfg,
-            )  # fmt: skip
+            backward("grad_input", grad_output, input, weight, grad_input, g, stride, padding,
+                     dilation, groups, algo)  # fmt: skip
     grad_weight = input.new_empty(0)
     if output_mask[1]:
         grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        backward("grad_weight", grad_output, input, weight, grad_weight, g, stride, padding,
+                 dilation, groups, algo)  # fmt: skip
+    grad_bias = grad_output.sum((0, 2, 3)) if output_mask[2] else input.new_empty(0)
+    return grad_input, grad_weight, grad_bias
+
+
+def _depthwise_backward(which, grad_output, input, weight, result, g, stride, padding, dilation,
+                        groups, algo):  # fmt: skip
+    import triton
+
+    from cnnops.kernels import conv2d as kernels
+
+    mult = g["k"] // g["c"]
+    conv = (padding[0], padding[1], dilation[0], dilation[1])
+    taps = dict(
+        R=g["r"], S=g["s"], STRIDE_H=stride[0], STRIDE_W=stride[1],
+        FP64=input.dtype == torch.float64,
+    )  # fmt: skip
+    w = weight.contiguous()
+    if which == "grad_input":
+        cfg = TRITON_CONFIGS["depthwise_grad_input"]
+        grid = (
+            g["n"] * g["h"],
+            triton.cdiv(g["w"], cfg["BLOCK_X"]),
+            triton.cdiv(g["c"], cfg["BLOCK_C"]),
+        )
+        torch.library.wrap_triton(kernels.depthwise_grad_input_kernel)[grid](
+            grad_output, w, result,
+            g["h"], g["w"], g["p"], g["q"], g["c"], mult,
+            *grad_output.stride(), *result.stride(), *conv, **taps, **cfg,
+        )  # fmt: skip
+    else:
         cfg = TRITON_CONFIGS["depthwise_grad_weight"]
         grid = (triton.cdiv(g["k"], cfg["BLOCK_C"]), g["r"] * g["s"])
         torch.library.wrap_triton(kernels.depthwise_grad_weight_kernel)[grid](
-            grad_output, input, grad_weight,
+            grad_output, input, result,
             g["n"], g["h"], g["w"], g["p"], g["q"], g["k"], mult,
             *grad_output.stride(), *input.stride(), *conv, **taps, **cfg,
         )  # fmt: skip
-    grad_bias = grad_output.sum((0, 2, 3)) if output_mask[2] else input.new_empty(0)
-    return grad_input, grad_weight, grad_bias
+
+
+def _grad_weight_split(g, groups, algo, device):
+    """(number of chunks, pixels per chunk) for grad weight's reduction over N*P*Q: enough
+    programs to fill a GPU (2 per SM, estimated at 64 x 64 tiles), chunks no smaller than the
+    configured minimum, and a multiple of every BLOCK_K."""
+    import triton
+
+    pixels = g["n"] * g["p"] * g["q"]
+    tiles = triton.cdiv(g["k"] // groups, 64) * triton.cdiv(g["c"] // groups, 64)
+    tiles *= groups * g["r"] * g["s"]
+    side = "interpreter" if _interpreting() else "gpu"
+    min_pixels = TRITON_CONFIGS[algo]["split_min_pixels"][side]
+    sms = 8 if _interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
+    split = max(1, min(triton.cdiv(2 * sms, tiles), pixels // min_pixels))
+    per_split = triton.cdiv(triton.cdiv(pixels, split), 64) * 64
+    return triton.cdiv(pixels, per_split) if pixels else 1, per_split
+
+
+def _gemm_backward(which, grad_output, input, weight, result, g, stride, padding, dilation,
+                   groups, algo):  # fmt: skip
+    import triton
+
+    cg, kg = g["c"] // groups, g["k"] // groups
+    sizes = (g["n"], g["h"], g["w"], g["p"], g["q"], cg, kg, g["r"], g["s"])
+    options = _gemm_options(algo, input.dtype)
+    if which == "grad_input":
+        kernel, cfg = _gemm_kernel("conv2d_grad_input_kernel", algo)
+        # (R, S, C_out, C_in/groups): the weight tile's input channels are contiguous.
+        w = weight.permute(2, 3, 0, 1).contiguous()
+
+        def grid(meta):
+            tiles = triton.cdiv(g["n"] * g["h"] * g["w"], meta["BLOCK_M"])
+            return (tiles * triton.cdiv(cg, meta["BLOCK_N"]), groups)
+
+        target = _channels_last_target(result)
+        torch.library.wrap_triton(kernel)[grid](
+            grad_output, w, target, *sizes,
+            *grad_output.stride(), *w.stride(), *target.stride(),
+            *_conv_scalars(stride, padding, dilation), **options, **cfg,
+        )  # fmt: skip
+        if target is not result:
+            result.copy_(target)
+        return
+    kernel, cfg = _gemm_kernel("conv2d_grad_weight_kernel", algo)
+    split, per_split = _grad_weight_split(g, groups, algo, input.device)
+    accumulate = torch.float64 if input.dtype == torch.float64 else torch.float32
+    partial = input.new_empty((split, *weight.shape), dtype=accumulate)
+
+    def grid(meta):
+        return (
+            triton.cdiv(kg, meta["BLOCK_M"]) * triton.cdiv(cg, meta["BLOCK_N"]),
+            groups * g["r"] * g["s"],
+            split,
+        )
+
+    torch.library.wrap_triton(kernel)[grid](
+        grad_output, input, partial, *sizes, per_split,
+        *grad_output.stride(), *input.stride(),
+        *_conv_scalars(stride, padding, dilation), **options, **cfg,
+    )  # fmt: skip
+    result.copy_(partial.sum(0))
 
 
 # Explicit fake kernels: triton_op would trace the function itself, but in Triton's interpreter

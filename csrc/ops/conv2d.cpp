@@ -68,8 +68,8 @@ Conv2dShape conv2d_shape(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(s.C > 0 && s.H > 0 && s.W > 0,
               "conv2d: input must have non-zero channels, height and width, got shape ",
               input.sizes());
-  const int64_t eff_h = s.dilation_h * (s.R - 1) + 1;
-  const int64_t eff_w = s.dilation_w * (s.S - 1) + 1;
+  const int64_t eff_h = conv_input_extent(1, s.R, s.stride_h, s.dilation_h);
+  const int64_t eff_w = conv_input_extent(1, s.S, s.stride_w, s.dilation_w);
   TORCH_CHECK(eff_h <= s.H + 2 * s.pad_h && eff_w <= s.W + 2 * s.pad_w,
               "conv2d: the dilated kernel (", eff_h, " x ", eff_w,
               ") is larger than the padded input (", s.H + 2 * s.pad_h, " x ",
@@ -106,6 +106,13 @@ void check_conv2d_algo(c10::string_view algo, std::initializer_list<c10::string_
     if (algo == name) return;
   }
   TORCH_CHECK(false, "conv2d: algo '", algo, "' is not available on the ", backend, " backend");
+}
+
+void check_conv2d_depthwise_algo(c10::string_view algo, const Conv2dShape& s) {
+  TORCH_CHECK(algo != "depthwise" || is_depthwise(s),
+              "conv2d: algo 'depthwise' needs a depthwise layer (groups == input channels, output "
+              "channels a multiple of them); got groups=", s.groups, ", ", s.C, " input and ", s.K,
+              " output channels");
 }
 
 at::MemoryFormat conv2d_memory_format(const at::Tensor& input) {

@@ -25,9 +25,24 @@ struct Conv2dShape {
   CNNOPS_HOST_DEVICE int64_t reduction_size() const { return channels_per_group() * R * S; }
 };
 
+// A depthwise layer: one group per input channel, each with m = K / C filters (the channel
+// multiplier). Output channel k reads input channel k / m.
+CNNOPS_HOST_DEVICE bool is_depthwise(const Conv2dShape& s) {
+  return s.groups == s.C && s.K % s.C == 0;
+}
+
+// Input coordinates spanned by `outputs` consecutive output coordinates through all `kernel`
+// taps: the extent of the input tile, halo included, that a run of outputs reads. One output's
+// extent is the dilated kernel size.
+CNNOPS_HOST_DEVICE int64_t conv_input_extent(int64_t outputs, int64_t kernel, int64_t stride,
+                                             int64_t dilation) {
+  return (outputs - 1) * stride + (kernel - 1) * dilation + 1;
+}
+
+// Callers check first that the dilated kernel fits the padded input (conv2d_shape).
 CNNOPS_HOST_DEVICE int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride,
                                             int64_t pad, int64_t dilation) {
-  return (in + 2 * pad - dilation * (kernel - 1) - 1) / stride + 1;
+  return (in + 2 * pad - conv_input_extent(1, kernel, stride, dilation)) / stride + 1;
 }
 
 // Input coordinate read by output coordinate `out` through kernel tap `tap`.
@@ -36,14 +51,50 @@ CNNOPS_HOST_DEVICE int64_t conv_input_coord(int64_t out, int64_t tap, int64_t st
   return out * stride - pad + tap * dilation;
 }
 
-CNNOPS_HOST_DEVICE int64_t floor_div(int64_t a, int64_t b) {  // b > 0
+// The helpers that divide take their integer type as an optional template argument (the
+// arguments do not pick it; int64_t by default): GPU code whose values fit passes int, since
+// 64-bit division there is a call, whose saved registers made a CUDA kernel spill.
+// NotDeduced<T> is C++20's std::type_identity_t, spelled out: the GPU lane's torch (2.11) may
+// build extensions as C++17.
+template <typename T>
+struct NotDeducedType {
+  using type = T;
+};
+template <typename T>
+using NotDeduced = typename NotDeducedType<T>::type;
+
+template <typename index_t = int64_t>
+CNNOPS_HOST_DEVICE index_t floor_div(NotDeduced<index_t> a,
+                                     NotDeduced<index_t> b) {  // b > 0
   return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+
+// The output coordinates [begin, end) whose read through `tap` lands in input coordinates
+// [in_begin, in_end), unclamped (they may lie outside the output, and the range may be empty).
+// The CUDA depthwise grad input stages the grad output rows and columns that a tile of input
+// pixels gathers from with these; the valid-output bounds below are the same with the input's
+// own bounds.
+template <typename index_t = int64_t>
+CNNOPS_HOST_DEVICE index_t conv_outputs_reading_begin(
+    NotDeduced<index_t> in_begin, NotDeduced<index_t> tap,
+    NotDeduced<index_t> stride, NotDeduced<index_t> pad,
+    NotDeduced<index_t> dilation) {
+  // ceil((in_begin + pad - tap * dilation) / stride)
+  return -floor_div<index_t>(tap * dilation - pad - in_begin, stride);
+}
+
+template <typename index_t = int64_t>
+CNNOPS_HOST_DEVICE index_t conv_outputs_reading_end(
+    NotDeduced<index_t> in_end, NotDeduced<index_t> tap,
+    NotDeduced<index_t> stride, NotDeduced<index_t> pad,
+    NotDeduced<index_t> dilation) {
+  return floor_div<index_t>(in_end - 1 + pad - tap * dilation, stride) + 1;
 }
 
 // First output coordinate whose read through `tap` lands at input coordinate >= 0.
 CNNOPS_HOST_DEVICE int64_t conv_first_valid_output(int64_t tap, int64_t stride, int64_t pad,
                                                    int64_t dilation) {
-  const int64_t lo = -floor_div(tap * dilation - pad, stride);  // ceil((pad - tap*d) / stride)
+  const int64_t lo = conv_outputs_reading_begin(0, tap, stride, pad, dilation);
   return lo < 0 ? 0 : lo;
 }
 
@@ -52,7 +103,7 @@ CNNOPS_HOST_DEVICE int64_t conv_first_valid_output(int64_t tap, int64_t stride, 
 // over [lo, hi) with no bounds checks; the range may be empty (lo >= hi).
 CNNOPS_HOST_DEVICE int64_t conv_last_valid_output(int64_t tap, int64_t in_size, int64_t out_size,
                                                   int64_t stride, int64_t pad, int64_t dilation) {
-  const int64_t hi = floor_div(in_size - 1 + pad - tap * dilation, stride) + 1;
+  const int64_t hi = conv_outputs_reading_end(in_size, tap, stride, pad, dilation);
   return hi > out_size ? out_size : hi;
 }
 
@@ -87,6 +138,8 @@ void check_conv2d_grad_output(const at::Tensor& grad_output, const at::Tensor& i
 // Raises unless `algo` is one of `supported` on `backend`.
 void check_conv2d_algo(c10::string_view algo, std::initializer_list<c10::string_view> supported,
                        c10::string_view backend);
+// Raises if algo is "depthwise" and the layer is not (is_depthwise).
+void check_conv2d_depthwise_algo(c10::string_view algo, const Conv2dShape& s);
 // The memory format of conv2d's output (and grad input) for this input.
 at::MemoryFormat conv2d_memory_format(const at::Tensor& input);
 

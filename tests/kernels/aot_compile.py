@@ -9,56 +9,139 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Case:
+    id: str
+    kernel: object
+    dtype: str  # of the pointers, unless `pointers` says otherwise
+    constexprs: dict
+    options: dict = field(default_factory=dict)  # num_warps, num_stages
+    pointers: dict = field(default_factory=dict)  # pointer name -> dtype
+    divisible: tuple = ()  # integer arguments Triton sees as multiples of 16
+
+
+# The stride arguments of the GEMM-shaped kernels: per activation tensor (n, c, h, w), and the
+# weight's, whose last one is 1 (the launcher passes the weight permuted and contiguous).
+GEMM_STRIDES = {
+    "conv2d_forward_kernel": (
+        [("sxn", "sxc", "sxh", "sxw"), ("syn", "syc", "syh", "syw")],
+        ("swr", "sws", "swc", "swk"),
+    ),
+    "conv2d_grad_input_kernel": (
+        [("son", "soc", "soh", "sow"), ("sin_", "sic", "sih", "siw")],
+        ("swr", "sws", "swk", "swc"),
+    ),
+    "conv2d_grad_weight_kernel": ([("son", "soc", "soh", "sow"), ("sxn", "sxc", "sxh", "sxw")], ()),
+}
+
+
+def gemm_specialisation(kernel_name):
+    """(arguments equal to 1, arguments divisible by 16) of a launch on a typical ResNet layer
+    (channels a multiple of 16, aligned tensors): Triton specialises on both, and they decide
+    how it lays out the loads. The launcher passes every activation in channels_last (the
+    channel stride is 1, every other stride a multiple of the channels) and the weight
+    permuted, its last stride 1."""
+    activations, weight = GEMM_STRIDES[kernel_name]
+    ones, divisible = [], ["CG", "KG", "PIX_PER_SPLIT"]
+    for n, c, h, w in activations:
+        ones.append(c)
+        divisible += [n, h, w]
+    if weight:
+        ones.append(weight[-1])
+        divisible += weight[:-1]
+    return {name: 1 for name in ones}, tuple(divisible)
 
 
 def cases():
-    """(id, kernel, pointer dtype, constexprs): the specialisations the conv2d ops launch."""
+    """The specialisations the conv2d ops launch."""
     from cnnops.kernels import conv2d as conv2d_kernels
 
     from cnnops.ops.conv2d import TRITON_CONFIGS
 
+    yield from depthwise_cases(conv2d_kernels, TRITON_CONFIGS)
+    yield from gemm_cases(conv2d_kernels, TRITON_CONFIGS)
+
+
+def gemm_cases(conv2d_kernels, configs):
+    """Every autotune config of direct and implicit_gemm, for each of their three kernels, in
+    float32 (implicit GEMM as TF32, torch's default), float16 and bfloat16."""
+    for algo in ("implicit_gemm", "direct"):
+        for index, config in enumerate(configs[algo]["autotune"]):
+            blocks = {k: v for k, v in config.items() if k.startswith("BLOCK_")}
+            options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+            for dtype in ("fp32", "fp16", "bf16"):
+                precision = "tf32" if dtype == "fp32" else "ieee"
+                gemm = dict(
+                    USE_DOT=algo == "implicit_gemm", INPUT_PRECISION=precision, FP64=False, **blocks
+                )
+                for name in ("conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight"):
+                    kernel = f"{name}_kernel"
+                    ones, divisible = gemm_specialisation(kernel)
+                    extra = dict(HAS_BIAS=True) if name == "conv2d_forward" else {}
+                    yield Case(
+                        f"{name}-{algo}-config{index}-{dtype}",
+                        getattr(conv2d_kernels, kernel),
+                        dtype,
+                        dict(gemm, **extra, **ones),
+                        options,
+                        # grad weight writes float32 partial sums, whatever the dtype.
+                        {"gw_ptr": "fp32"} if name == "conv2d_grad_weight" else {},
+                        divisible,
+                    )
+
+
+def depthwise_cases(conv2d_kernels, configs):
+    """The depthwise kernels, with their one block shape each, unspecialised (any layout): the
+    forward for every kernel size and stride it has specialisations for, the gradients at 3x3."""
     for dtype in ("fp32", "fp16", "bf16"):
         for size in (3, 5, 7):
             for stride in (1, 2):
                 taps = dict(R=size, S=size, STRIDE_H=stride, STRIDE_W=stride, FP64=False)
-                yield (
+                yield Case(
                     f"depthwise_forward-{dtype}-{size}x{size}-s{stride}",
                     conv2d_kernels.depthwise_forward_kernel,
                     dtype,
-                    dict(taps, HAS_BIAS=True, **TRITON_CONFIGS["depthwise_forward"]),
+                    dict(taps, HAS_BIAS=True, **configs["depthwise_forward"]),
                 )
         for stride in (1, 2):
             taps = dict(R=3, S=3, STRIDE_H=stride, STRIDE_W=stride, FP64=False)
-            yield (
-                f"depthwise_grad_input-{dtype}-3x3-s{stride}",
-                conv2d_kernels.depthwise_grad_input_kernel,
-                dtype,
-                dict(taps, **TRITON_CONFIGS["depthwise_grad_input"]),
-            )
-            yield (
-                f"depthwise_grad_weight-{dtype}-3x3-s{stride}",
-                conv2d_kernels.depthwise_grad_weight_kernel,
-                dtype,
-                dict(taps, **TRITON_CONFIGS["depthwise_grad_weight"]),
-            )
+            for name in ("depthwise_grad_input", "depthwise_grad_weight"):
+                yield Case(
+                    f"{name}-{dtype}-3x3-s{stride}",
+                    getattr(conv2d_kernels, f"{name}_kernel"),
+                    dtype,
+                    dict(taps, **configs[name]),
+                )
 
 
-def compile_one(fn, dtype, constexprs):
-    """(registers, spilled bytes) of `fn` compiled for sm_90 with these constexprs."""
+def compile_one(case):
+    """(registers, spilled bytes) of the case's kernel compiled for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    fn = case.kernel
+
     def kind(name):
-        if name in constexprs:
+        if name in case.constexprs:
             return "constexpr"
-        return f"*{dtype}" if name.endswith("_ptr") else "i32"
+        return f"*{case.pointers.get(name, case.dtype)}" if name.endswith("_ptr") else "i32"
 
     signature = {name: kind(name) for name in fn.arg_names}
-    # ASTSource takes constexpr values keyed by argument position.
-    values = {(fn.arg_names.index(name),): value for name, value in constexprs.items()}
+    # ASTSource takes constexpr values and attributes keyed by argument position.
+    values = {(fn.arg_names.index(name),): value for name, value in case.constexprs.items()}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if name not in case.constexprs and (name.endswith("_ptr") or name in case.divisible)
+    }
     compiled = triton.compile(
-        ASTSource(fn, signature=signature, constexprs=values), target=GPUTarget("cuda", 90, 32)
+        ASTSource(fn, signature=signature, constexprs=values, attrs=attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options=case.options,
     )
     ptx = compiled.asm["ptx"]
     arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.MULTILINE).group(1)
@@ -82,10 +165,10 @@ def compile_one(fn, dtype, constexprs):
 def main():
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("aot_compile.py: run it without TRITON_INTERPRET=1")
-    for name, kernel, dtype, constexprs in cases():
-        row = {"id": name}
+    for case in cases():
+        row = {"id": case.id}
         try:
-            row["registers"], row["spilled_bytes"] = compile_one(kernel, dtype, constexprs)
+            row["registers"], row["spilled_bytes"] = compile_one(case)
         except Exception as error:  # reported per kernel; the test fails on it
             row["error"] = f"{type(error).__name__}: {error}"
         print(json.dumps(row), flush=True)

@@ -27,7 +27,7 @@ def report():
     return {row["id"]: row for row in map(json.loads, done.stdout.splitlines())}
 
 
-@pytest.mark.parametrize("name", [name for name, *_ in cases()])
+@pytest.mark.parametrize("name", [case.id for case in cases()])
 def test_compiles_for_sm90_without_spills(name, report, record_property):
     row = report[name]
     assert "error" not in row, f"{name}: {row.get('error')}"

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from conv2d_cases import (
     CASES,
+    DEPTHWISE_CASES,
     LAYOUTS,
-    case,
     check_against_torch,
     conv_args,
     make_problem,
@@ -102,20 +102,6 @@ def test_direct_forward_channel_tiles(size, stride, padding, dilation, channels_
         ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), *args)
         label = f"output ({outputs_per_group} per group)"
         assert_close_to_reference(out, ref, channels_per_group * 9, label)
-
-
-DEPTHWISE_CASES = [
-    *(c for c in CASES if c.values[0]["groups"] == c.values[0]["c"] > 1),
-    # Channels: two whole vectors and no block of 4; a block then 2 vectors; a vector and a scalar.
-    case(2, 32, 12, 12, 32, 3, padding=1, groups=32, id="dw-32ch"),
-    case(2, 96, 13, 11, 96, 3, stride=2, padding=1, groups=96, id="dw-96ch-s2"),
-    case(1, 17, 7, 8, 17, 5, padding=2, groups=17, id="dw-17ch-5x5"),
-    case(2, 80, 9, 9, 80, 3, padding=2, dilation=2, groups=80, id="dw-80ch-dil2"),
-    case(1, 65, 6, 5, 65, 3, groups=65, bias=False, id="dw-65ch-no-pad-no-bias"),
-    case(2, 64, 9, 9, 64, 7, stride=2, padding=3, groups=64, id="dw-64ch-7x7-s2"),
-    case(2, 16, 5, 5, 32, 3, padding=1, groups=16, id="dw-mult2"),
-    case(0, 16, 5, 5, 16, 3, padding=1, groups=16, id="dw-batch0"),
-]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

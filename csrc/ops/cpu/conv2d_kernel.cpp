@@ -1227,8 +1227,6 @@ void conv2d_direct_forward(const at::Tensor& input, const at::Tensor& weight,
 // to it and back made MobileNetV2's depthwise layers 4-7x slower (0.16-0.25x torch, against
 // 1.07-1.16x here). One filter per channel only; a channel multiplier goes through NCHW.
 
-bool is_depthwise(const Conv2dShape& s) { return s.groups == s.C && s.K % s.C == 0; }
-
 // Output rows (n, p) in [begin, end), every column and channel; kBytes: the vector width. Pixel
 // by pixel, all its channels: computing 2 or 4 pixels at once, to load each tap's weights once
 // for them, was slower (0.80-0.85x on MobileNetV2's layers).
@@ -1735,14 +1733,6 @@ void check_cpu(const at::Tensor& t, const char* name) {
               "conv2d (cpu backend): ", name, " must be float32 or float64, got ", t.scalar_type());
 }
 
-// algo="depthwise" serves depthwise layers only: groups == C_in, C_out a multiple of C_in. Its
-// backward passes are the direct algorithm's, whose loops are per channel for such a layer.
-void check_depthwise_algo(c10::string_view algo, const Conv2dShape& s) {
-  TORCH_CHECK(algo != "depthwise" || is_depthwise(s),
-              "conv2d: algo 'depthwise' needs a depthwise layer (groups == input channels, output channels a "
-              "multiple of them); got groups=", s.groups, ", ", s.C, " input and ", s.K, " output channels");
-}
-
 at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -1752,7 +1742,7 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   const Conv2dShape s = conv2d_shape(input, weight, stride, padding, dilation, groups);
   check_conv2d_bias(bias, input, s);
   check_conv2d_algo(algo, {"auto", "direct", "im2col", "depthwise"}, "cpu");
-  check_depthwise_algo(algo, s);
+  check_conv2d_depthwise_algo(algo, s);
   // algo="auto": a grouped convolution has too few channels per group for a GEMM to pay for
   // im2col's column buffer (R*S times the input, written and read back), so it runs direct, which
   // reads the input once. Dense convolutions are GEMM-shaped and go to the BLAS through im2col.
@@ -1814,7 +1804,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   const Conv2dShape s = conv2d_shape(input, weight, stride, padding, dilation, groups);
   check_conv2d_grad_output(grad_output, input, s);
   check_conv2d_algo(algo, {"auto", "direct", "im2col", "depthwise"}, "cpu");
-  check_depthwise_algo(algo, s);
+  check_conv2d_depthwise_algo(algo, s);
   // algo="auto" chooses per gradient. A grouped layer's grad input at stride 1 runs on the direct
   // forward kernel and its grad weight on the grouped register tiles, where those serve. The
   // rest goes through im2col, except for depthwise layers: there each GEMM is one channel's, too

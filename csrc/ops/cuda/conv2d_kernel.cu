@@ -1,13 +1,17 @@
 // CUDA kernels for cnnops::conv2d and cnnops::_conv2d_backward.
 //
-// Two algorithms, selected by the op's `algo` argument ("auto" runs im2col):
-//   direct  - every output (or gradient) element is computed by its own loop over the taps that
-//             touch it. No scratch memory, deterministic, and the natural choice for depthwise and
-//             small problems.
-//   im2col  - the input is unfolded into a column matrix and the convolution becomes a batched
-//             GEMM per group (at::bmm -> cuBLAS). The batch is processed in chunks so the column
-//             buffer stays bounded.
-// Both share the grad-bias reduction. Everything is deterministic: gradients that several
+// Three algorithms, selected by the op's `algo` argument ("auto" runs depthwise for depthwise
+// layers, im2col for the rest):
+//   direct    - every output (or gradient) element is computed by its own loop over the taps that
+//               touch it. No scratch memory, deterministic, and the natural choice for small
+//               problems.
+//   im2col    - the input is unfolded into a column matrix and the convolution becomes a batched
+//               GEMM per group (at::bmm -> cuBLAS). The batch is processed in chunks so the column
+//               buffer stays bounded.
+//   depthwise - depthwise layers only (groups == C, any channel multiplier): tiles staged in
+//               shared memory with their halo, several outputs per thread from registers; grad
+//               weight as per-filter block reductions (see "depthwise: shared-memory tiles").
+// All share the grad-bias reduction. Everything is deterministic: gradients that several
 // outputs contribute to are gathered by one thread (or reduced by one block in a fixed order),
 // never accumulated with atomics.
 //
@@ -98,15 +102,21 @@ void with_index_type(bool fits_int32, const F& f) {
 // position `start` and moving `step` positions per advance(). `step` is pre-split in the same
 // mixed radix, so each advance is two compares instead of 64-bit divisions (which are emulated on
 // the GPU). Valid while step's digits are < (np, nq), which the construction guarantees.
+// index_t: int64_t unless given (the arguments do not pick it); int for boxes known to be small,
+// where the divisions are inline rather than calls.
+template <typename index_t = int64_t>
 struct BoxCursor {
-  int64_t n, p, q;
-  int64_t dn, dp, dq;
-  int64_t np, nq;
+  index_t n, p, q;
+  index_t dn, dp, dq;
+  index_t np, nq;
 
-  __device__ __forceinline__ BoxCursor(int64_t start, int64_t step, int64_t np_, int64_t nq_)
+  __device__ __forceinline__ BoxCursor(NotDeduced<index_t> start,
+                                       NotDeduced<index_t> step,
+                                       NotDeduced<index_t> np_,
+                                       NotDeduced<index_t> nq_)
       : np(np_), nq(nq_) {
     q = start % nq;
-    int64_t t = start / nq;
+    index_t t = start / nq;
     p = t % np;
     n = t / np;
     dq = step % nq;
@@ -542,6 +552,450 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ===================================================================================
+// depthwise: shared-memory tiles
+// ===================================================================================
+// A depthwise layer (groups == C, m = K / C filters per input channel) does R*S multiply-adds per
+// output: far too few per loaded value to be compute bound, so these kernels are about reading
+// each input value from global memory once. The direct kernel reads every input value R*S times
+// through L1; here a block stages its tile's input once, halo included, into shared memory
+// (converted to acc_t, zeros for padding, so the inner loops have no bounds checks and no
+// conversions) and every thread computes kDwCols adjacent outputs of one row from it, keeping the
+// input values its outputs share in registers.
+//
+// Tile: a block covers `channels` channels x `rows` rows x `groups` runs of kDwCols columns of one
+// sample, one thread per (channel, row, run). Thread order follows the tensor layout:
+//   NCHW: the run is fastest. Planes are staged row by row (coalesced), a row padded to an odd
+//         pitch so that the threads of neighbouring rows start in different banks; one tile row
+//         holds up to 32 outputs. Small planes put several channels in a block.
+//   channels_last: the channel is fastest (32 channels per tile, a warp's lanes): staging reads a
+//         pixel's channels side by side (coalesced), the shared tile is [row][column][channel]
+//         (lane-consecutive, conflict-free), and each output pixel's channels are written together.
+// The planner (plan_depthwise_tile) balances the tiles over the plane, shrinks them until the grid
+// fills the GPU, and until they fit in kDwSmemBytes; a kernel too dilated for even one run of one
+// row to fit (a dilated kernel extent past about 80 pixels) runs the direct kernels instead.
+// Each block stages its channels' weights for one filter of the multiplier at a time and loops
+// over the m filters, reusing the staged input.
+// Sizes (MobileNetV2's 3x3 layers on 132 SMs, fp32): NCHW 112 x 112 planes get 28 x 28 outputs
+// per block (224 threads, 30 x 30 staged at pitch 31, 3.7 KB); NCHW 7 x 7 at batch 1, 3 planes
+// of 7 x 8 (64 threads); channels_last 56 x 56, 8 x 4 outputs x 32 channels (256 threads,
+// 10 x 6 x 32 staged, 8.6 KB).
+
+// Adjacent outputs per thread (grad input: adjacent input pixels). 4 keeps a stride-2 3x3 window
+// (9 values) and the accumulators of double precision in registers.
+constexpr int kDwCols = 4;
+// Staged tile plus weights per block: the shared memory a block gets without opting in.
+constexpr int64_t kDwSmemBytes = 48 * 1024;
+constexpr int64_t kDwLaneChannels = 32;  // channels per channels_last tile
+constexpr int64_t kDwMaxGroups = 8;      // NCHW: kDwMaxGroups * kDwCols outputs per tile row
+
+struct DepthwiseTile {
+  int channels, rows, groups;  // per block; one thread per (channel, row, run of kDwCols)
+  bool channels_last;          // thread and shared-memory order
+  int src_rows, src_cols;      // the staged window of one channel (halo included), at most
+  int sm_c, sm_h, sm_w;        // its shared-memory strides, in elements
+  int tile_elems;              // staged elements of all the block's channels
+  // Tiles per sample along each dimension. The grid is (tiles of a sample, samples): blocks
+  // loop over samples past the grid's height, so a block's tile geometry is computed once.
+  int channel_tiles, row_tiles, col_tiles, sample_tiles;
+  int threads;
+  size_t smem_bytes;
+};
+
+// This thread's place in the tile; `active` is false for the threads that round the block up to
+// whole warps (they still help to stage).
+struct DepthwiseThread {
+  int channel, row, group;
+  bool active;
+};
+
+__device__ __forceinline__ DepthwiseThread depthwise_thread(const DepthwiseTile& t) {
+  int i = threadIdx.x;
+  DepthwiseThread th;
+  if (t.channels_last) {
+    th.channel = i % t.channels;
+    i /= t.channels;
+    th.group = i % t.groups;
+    th.row = i / t.groups;
+  } else {
+    th.group = i % t.groups;
+    i /= t.groups;
+    th.row = i % t.rows;
+    th.channel = i / t.rows;
+  }
+  th.active = th.row < t.rows && th.channel < t.channels;
+  return th;
+}
+
+// The first channel, row and column of this block's tile, and how many of its channels the
+// layer has (the last channel tile may hold fewer); neighbouring blocks take neighbouring column
+// tiles.
+struct DepthwiseTileOrigin {
+  int c0, row0, col0;
+  int channels;
+};
+
+__device__ __forceinline__ DepthwiseTileOrigin depthwise_tile_origin(const DepthwiseTile& t,
+                                                                     int64_t layer_channels) {
+  int tile = static_cast<int>(blockIdx.x);
+  const int col = tile % t.col_tiles;
+  tile /= t.col_tiles;
+  const int row = tile % t.row_tiles;
+  const int c0 = tile / t.row_tiles * t.channels;
+  const int channels = static_cast<int>(
+      layer_channels - c0 < t.channels ? layer_channels - c0 : t.channels);
+  return {c0, row * t.rows, col * t.groups * kDwCols, channels};
+}
+
+// Stages rows [row0, row0 + rows) x columns [col0, col0 + cols) (rows <= t.src_rows, cols <=
+// t.src_cols) of the block's channels of `src` into `tile`, as acc_t, with zeros outside the
+// tensor's [0, height) x [0, width) and for the channels from valid_channels on (past the
+// layer's last). `src` points at the block's sample and first channel; st.c is the step between
+// the block's channels. The walk follows the tensor layout (see depthwise_thread), so
+// consecutive threads read consecutive addresses.
+template <typename scalar_t, typename acc_t, typename index_t>
+__device__ __forceinline__ void depthwise_stage(acc_t* __restrict__ tile,
+                                                const scalar_t* __restrict__ src, Strides4 st,
+                                                int valid_channels, int64_t row0, int64_t col0,
+                                                int rows, int cols, int64_t height,
+                                                int64_t width, const DepthwiseTile& t) {
+  if (rows <= 0 || cols <= 0) return;  // a window no output reads (stride > dilated kernel)
+  const int outer = t.channels_last ? rows : t.channels;
+  const int middle = t.channels_last ? cols : rows;
+  const int inner = t.channels_last ? t.channels : cols;
+  for (BoxCursor<int> cur(threadIdx.x, blockDim.x, middle, inner); cur.n < outer; cur.advance()) {
+    const int c = t.channels_last ? cur.q : cur.n;
+    const int y = t.channels_last ? cur.n : cur.p;
+    const int x = t.channels_last ? cur.p : cur.q;
+    const int64_t h = row0 + y;
+    const int64_t w = col0 + x;
+    acc_t v = acc_t(0);
+    if (c < valid_channels && h >= 0 && h < height && w >= 0 && w < width) {
+      v = static_cast<acc_t>(src[static_cast<index_t>(c) * static_cast<index_t>(st.c) +
+                                 static_cast<index_t>(h) * static_cast<index_t>(st.h) +
+                                 static_cast<index_t>(w) * static_cast<index_t>(st.w)]);
+    }
+    tile[c * t.sm_c + y * t.sm_h + x * t.sm_w] = v;
+  }
+}
+
+// w_tile[tap * t.channels + c] = tap `tap` of filter j of the block's input channel c (output
+// channel (c0 + c) * m + j), as acc_t; weight is contiguous (K, 1, R, S).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void depthwise_stage_weights(acc_t* __restrict__ w_tile,
+                                                        const scalar_t* __restrict__ weight,
+                                                        int64_t c0, int64_t j, int64_t m,
+                                                        int valid_channels, int taps,
+                                                        const DepthwiseTile& t) {
+  for (int i = threadIdx.x; i < taps * t.channels; i += blockDim.x) {
+    const int tap = i / t.channels;
+    const int c = i - tap * t.channels;
+    w_tile[i] = c < valid_channels
+                    ? static_cast<acc_t>(weight[((c0 + c) * m + j) * taps + tap])
+                    : acc_t(0);
+  }
+}
+
+// Writes a thread's run: acc[i] to element (channel, row, col + i) of a sample of `dst`, for the
+// columns before `cols`.
+template <typename index_t, typename acc_t, typename scalar_t>
+__device__ __forceinline__ void depthwise_store_run(const acc_t (&acc)[kDwCols],
+                                                    scalar_t* __restrict__ dst, Strides4 st,
+                                                    int channel, int row, int col, int64_t cols) {
+#pragma unroll
+  for (int i = 0; i < kDwCols; ++i) {
+    if (col + i < cols) {
+      const index_t offset = static_cast<index_t>(channel) * static_cast<index_t>(st.c) +
+                             static_cast<index_t>(row) * static_cast<index_t>(st.h) +
+                             static_cast<index_t>(col + i) * static_cast<index_t>(st.w);
+      dst[offset] = static_cast<scalar_t>(acc[i]);
+    }
+  }
+}
+
+// Adds to acc[i] output (row, col + i)'s taps; `src` is the staged input read by tap (0, 0) of
+// output (row, col), `w` the first tap of the thread's filter (taps t.channels apart). kS > 0:
+// a kS-wide kernel at column stride kSW and dilation 1, whose row window (kSpan values) is loaded
+// into registers once for all its taps; kS == 0: any width, stride and dilation.
+template <int kS, int kSW, typename acc_t>
+__device__ __forceinline__ void depthwise_forward_taps(acc_t (&acc)[kDwCols],
+                                                       const acc_t* __restrict__ src,
+                                                       const acc_t* __restrict__ w,
+                                                       const Conv2dShape& cs,
+                                                       const DepthwiseTile& t) {
+  const int row_step = static_cast<int>(cs.dilation_h) * t.sm_h;
+  for (int r = 0; r < cs.R; ++r, src += row_step, w += cs.S * t.channels) {
+    if constexpr (kS > 0) {
+      constexpr int kSpan = (kDwCols - 1) * kSW + kS;
+      acc_t x[kSpan];
+#pragma unroll
+      for (int i = 0; i < kSpan; ++i) x[i] = src[i * t.sm_w];
+#pragma unroll
+      for (int s = 0; s < kS; ++s) {
+        const acc_t wv = w[s * t.channels];
+#pragma unroll
+        for (int i = 0; i < kDwCols; ++i) acc[i] += x[i * kSW + s] * wv;
+      }
+    } else {
+      const int tap_step = static_cast<int>(cs.dilation_w) * t.sm_w;
+      const int out_step = static_cast<int>(cs.stride_w) * t.sm_w;
+      for (int s = 0; s < cs.S; ++s) {
+        const acc_t wv = w[s * t.channels];
+        const acc_t* xs = src + s * tap_step;
+#pragma unroll
+        for (int i = 0; i < kDwCols; ++i) acc[i] += xs[i * out_step] * wv;
+      }
+    }
+  }
+}
+
+// One block per tile of output pixels (see the section comment); the staged input tile is the
+// halo of the tile's outputs: conv_input_extent of its rows and columns.
+// No __launch_bounds__ on the two tile kernels: with it, ptxas (CUDA 13.0, sm_90) chose fewer
+// registers than they need and spilled a few values (the write predicate, stage bounds) to local
+// memory; without it, it keeps to 64 registers (a 1024-thread budget) and spills nothing.
+template <typename scalar_t, typename acc_t, typename index_t, int kS, int kSW>
+__global__ void conv2d_depthwise_forward_kernel(const scalar_t* __restrict__ input,
+                                                const scalar_t* __restrict__ weight,  // contiguous
+                                                const scalar_t* __restrict__ bias,  // or nullptr
+                                                scalar_t* __restrict__ output, Conv2dShape cs,
+                                                Strides4 in_st, Strides4 out_st, DepthwiseTile t) {
+  extern __shared__ __align__(sizeof(double)) unsigned char depthwise_smem[];
+  acc_t* in_tile = reinterpret_cast<acc_t*>(depthwise_smem);
+  acc_t* w_tile = in_tile + t.tile_elems;
+  const int m = static_cast<int>(cs.K) / static_cast<int>(cs.C);  // 32-bit: see the grad input
+  const int taps = static_cast<int>(cs.R * cs.S);
+  const DepthwiseThread th = depthwise_thread(t);
+  const DepthwiseTileOrigin o = depthwise_tile_origin(t, cs.C);
+  const int c = o.c0 + th.channel;
+  const int p = o.row0 + th.row;
+  const int q = o.col0 + th.group * kDwCols;  // the first of the thread's outputs
+  const bool writes = th.active && c < cs.C && p < cs.P;
+  // Where the thread's first output reads through tap (0, 0), in the staged tile.
+  const acc_t* src = in_tile + th.channel * t.sm_c +
+                     th.row * static_cast<int>(cs.stride_h) * t.sm_h +
+                     th.group * kDwCols * static_cast<int>(cs.stride_w) * t.sm_w;
+  for (int64_t n = blockIdx.y; n < cs.N; n += gridDim.y) {
+    __syncthreads();  // the previous sample's readers are done with the shared tiles
+    depthwise_stage<scalar_t, acc_t, index_t>(
+        in_tile, input + n * in_st.n + o.c0 * in_st.c, in_st, o.channels,
+        conv_input_coord(o.row0, 0, cs.stride_h, cs.pad_h, cs.dilation_h),
+        conv_input_coord(o.col0, 0, cs.stride_w, cs.pad_w, cs.dilation_w), t.src_rows,
+        t.src_cols, cs.H, cs.W, t);
+    scalar_t* out_n = output + n * out_st.n;
+    for (int j = 0; j < m; ++j) {
+      if (j > 0) __syncthreads();  // the previous filter's weights are read
+      depthwise_stage_weights(w_tile, weight, o.c0, j, m, o.channels, taps, t);
+      __syncthreads();
+      if (!writes) continue;
+      const int k = c * m + j;
+      const acc_t init = bias != nullptr ? static_cast<acc_t>(bias[k]) : acc_t(0);
+      acc_t acc[kDwCols];
+#pragma unroll
+      for (int i = 0; i < kDwCols; ++i) acc[i] = init;
+      depthwise_forward_taps<kS, kSW>(acc, src, w_tile + th.channel, cs, t);
+      depthwise_store_run<index_t>(acc, out_n, out_st, k, p, q, cs.Q);
+    }
+  }
+}
+
+// Grad input as a gather, tiled like the forward pass over input pixels: input pixel (h, w) sums
+// grad_out[k, p, q] * weight[k, r, s] over the m filters k of its channel and the taps (r, s)
+// whose output (p, q) reads it. The block stages, per filter, the window of grad_out rows and
+// columns that its tile's pixels gather from (conv_outputs_reading_begin/end), zeros outside the
+// output; a thread owns kDwCols adjacent pixels of a row and keeps their sums in registers across
+// the filters. Each element has one writer: deterministic, no atomics, no zero-fill pass.
+// kSW: the column stride when it is 1 or 2 (a tap's divisibility test is then free), 0 for any.
+template <typename scalar_t, typename acc_t, typename index_t, int kSW>
+__global__ void conv2d_depthwise_grad_input_kernel(const scalar_t* __restrict__ grad_out,
+                                                   const scalar_t* __restrict__ weight,
+                                                   scalar_t* __restrict__ grad_input,
+                                                   Conv2dShape cs, Strides4 go_st, Strides4 gi_st,
+                                                   DepthwiseTile t) {
+  extern __shared__ __align__(sizeof(double)) unsigned char depthwise_smem[];
+  acc_t* go_tile = reinterpret_cast<acc_t*>(depthwise_smem);
+  acc_t* w_tile = go_tile + t.tile_elems;
+  // Coordinates within a sample are int (plan_depthwise_tile checks the sizes): 64-bit division
+  // is a call on the GPU, and the registers it saves made this kernel spill.
+  const int m = static_cast<int>(cs.K) / static_cast<int>(cs.C);
+  const int taps = static_cast<int>(cs.R * cs.S);
+  const int sh = static_cast<int>(cs.stride_h), sw = kSW > 0 ? kSW : static_cast<int>(cs.stride_w);
+  const int ph = static_cast<int>(cs.pad_h), pw = static_cast<int>(cs.pad_w);
+  const int dh = static_cast<int>(cs.dilation_h), dw = static_cast<int>(cs.dilation_w);
+  const int R = static_cast<int>(cs.R), S = static_cast<int>(cs.S);
+  const DepthwiseThread th = depthwise_thread(t);
+  const DepthwiseTileOrigin o = depthwise_tile_origin(t, cs.C);
+  const int c = o.c0 + th.channel;
+  const int h = o.row0 + th.row;
+  const int w = o.col0 + th.group * kDwCols;  // the first of the thread's pixels
+  // The grad output window: the outputs that read the tile's pixels through some tap.
+  const int p0 = conv_outputs_reading_begin<int>(o.row0, R - 1, sh, ph, dh);
+  const int q0 = conv_outputs_reading_begin<int>(o.col0, S - 1, sw, pw, dw);
+  const int window_rows = conv_outputs_reading_end<int>(o.row0 + t.rows, 0, sh, ph, dh) - p0;
+  const int window_cols =
+      conv_outputs_reading_end<int>(o.col0 + t.groups * kDwCols, 0, sw, pw, dw) - q0;
+  // Window output (p, q) reads pixel (h, w + i) through tap (r, s) iff
+  //   p * stride_h == h_off - r * dilation_h  and  q * stride_w == w_off + i - s * dilation_w.
+  // Wherever that holds both sides are >= 0: the window starts at the first output any tap reads.
+  const int h_off = h + ph - p0 * sh;
+  const int w_off = w + pw - q0 * sw;
+  const acc_t* go_c = go_tile + th.channel * t.sm_c;
+  const acc_t* w_c = w_tile + th.channel;
+  // Filter j of the block's channels is output channel c0 * m + j onwards, m channels apart.
+  Strides4 go_filter_st = go_st;
+  go_filter_st.c = m * go_st.c;
+  for (int64_t n = blockIdx.y; n < cs.N; n += gridDim.y) {
+    acc_t acc[kDwCols];
+#pragma unroll
+    for (int i = 0; i < kDwCols; ++i) acc[i] = acc_t(0);
+    for (int j = 0; j < m; ++j) {
+      __syncthreads();  // the previous filter's (or sample's) readers are done
+      depthwise_stage<scalar_t, acc_t, index_t>(
+          go_tile, grad_out + n * go_st.n + int64_t(o.c0 * m + j) * go_st.c, go_filter_st,
+          o.channels, p0, q0, window_rows, window_cols, cs.P, cs.Q, t);
+      depthwise_stage_weights(w_tile, weight, o.c0, j, m, o.channels, taps, t);
+      __syncthreads();
+      if (!th.active) continue;
+      for (int r = 0; r < R; ++r) {
+        const int dp = h_off - r * dh;
+        if (dp < 0 || dp % sh != 0) continue;
+        const acc_t* go_row = go_c + (dp / sh) * t.sm_h;
+        for (int s = 0; s < S; ++s) {
+          const acc_t wv = w_c[(r * S + s) * t.channels];
+          const int dq0 = w_off - s * dw;
+#pragma unroll
+          for (int i = 0; i < kDwCols; ++i) {
+            const int dq = dq0 + i;
+            if constexpr (kSW == 1) {
+              acc[i] += go_row[dq * t.sm_w] * wv;
+            } else if constexpr (kSW == 2) {
+              if ((dq & 1) == 0) acc[i] += go_row[(dq >> 1) * t.sm_w] * wv;
+            } else {
+              if (dq >= 0 && dq % sw == 0) acc[i] += go_row[(dq / sw) * t.sm_w] * wv;
+            }
+          }
+        }
+      }
+    }
+    if (th.active && c < cs.C && h < cs.H) {
+      depthwise_store_run<index_t>(acc, grad_input + n * gi_st.n, gi_st, c, h, w, cs.W);
+    }
+  }
+}
+
+// Taps per thread of the grad-weight reduction: a 3x3 or 5x5 kernel row in one pass.
+constexpr int kDwWeightTaps = 5;
+
+struct DepthwiseWeightPlan {
+  int channels;        // filters per block: 1 or 8 (NCHW), 32 (channels_last, channel-fastest)
+  bool channels_last;  // thread order
+  int64_t channel_tiles, tap_chunks, splits, count;
+};
+
+// Grad weight: weight[k, r, s] sums grad_out[n, k, p, q] * input[n, k / m, p, q read through
+// (r, s)] over the N x P x Q outputs. A block owns `channels` filters, one kernel row r and
+// kDwWeightTaps of its taps (each thread keeps those sums in registers, so a grad_out value is
+// loaded once per kernel row rather than once per tap, and the taps' input reads are neighbours
+// in L1), and one of `splits` slices of the outputs whose row reads inside the input through r
+// (conv_first/last_valid_output, so rows need no bounds checks). Threads walk the slice with a
+// BoxCursor in the layout's order: q-fastest for NCHW (coalesced rows), channel-fastest for
+// channels_last (coalesced pixels). The block reduces each filter's partial sums with a fixed
+// tree in shared memory and writes them to partial[split]; conv2d_depthwise_grad_weight_sum_kernel
+// adds the splits in order. Deterministic, no atomics.
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    conv2d_depthwise_grad_weight_kernel(const scalar_t* __restrict__ grad_out,
+                                        const scalar_t* __restrict__ input,
+                                        acc_t* __restrict__ partial, Conv2dShape cs,
+                                        Strides4 go_st, Strides4 in_st, DepthwiseWeightPlan g) {
+  __shared__ acc_t sums[kDwWeightTaps][kThreads];
+  const int64_t m = cs.K / cs.C;
+  const int pixel_threads = blockDim.x / g.channels;  // a power of two
+  const int channel = g.channels_last ? threadIdx.x % g.channels : threadIdx.x / pixel_threads;
+  const int pixel = g.channels_last ? threadIdx.x / g.channels : threadIdx.x % pixel_threads;
+  const int pixel_step = g.channels_last ? g.channels : 1;  // between threads of one filter
+  const int64_t weight_numel = cs.K * cs.R * cs.S;
+  for (int64_t block = blockIdx.x; block < g.count; block += gridDim.x) {
+    int64_t b = block;
+    const int64_t split = b % g.splits;
+    b /= g.splits;
+    const int64_t s0 = (b % g.tap_chunks) * kDwWeightTaps;
+    b /= g.tap_chunks;
+    const int64_t r = b % cs.R;
+    const int64_t k = (b / cs.R) * g.channels + channel;
+    const int64_t p_lo = conv_first_valid_output(r, cs.stride_h, cs.pad_h, cs.dilation_h);
+    const int64_t p_hi =
+        conv_last_valid_output(r, cs.H, cs.P, cs.stride_h, cs.pad_h, cs.dilation_h);
+    const int64_t rows = p_hi > p_lo ? p_hi - p_lo : 0;
+    const int64_t total = cs.N * rows * cs.Q;
+    const int64_t per_split = (total + g.splits - 1) / g.splits;
+    const int64_t begin = split * per_split;
+    const int64_t end = begin + per_split < total ? begin + per_split : total;
+    acc_t acc[kDwWeightTaps];
+#pragma unroll
+    for (int i = 0; i < kDwWeightTaps; ++i) acc[i] = acc_t(0);
+    if (k < cs.K && begin + pixel < end) {
+      const scalar_t* go_k = grad_out + k * go_st.c;
+      const scalar_t* in_c = input + (k / m) * in_st.c;
+      int64_t flat = begin + pixel;
+      for (BoxCursor cur(flat, pixel_threads, rows, cs.Q); flat < end;
+           flat += pixel_threads, cur.advance()) {
+        const int64_t p = p_lo + cur.p;
+        const acc_t y = static_cast<acc_t>(
+            go_k[static_cast<index_t>(cur.n) * static_cast<index_t>(go_st.n) +
+                 static_cast<index_t>(p) * static_cast<index_t>(go_st.h) +
+                 static_cast<index_t>(cur.q) * static_cast<index_t>(go_st.w)]);
+        const int64_t in_h = conv_input_coord(p, r, cs.stride_h, cs.pad_h, cs.dilation_h);
+        const int64_t in_w0 = conv_input_coord(cur.q, s0, cs.stride_w, cs.pad_w, cs.dilation_w);
+        const scalar_t* in_row = in_c +
+                                 static_cast<index_t>(cur.n) * static_cast<index_t>(in_st.n) +
+                                 static_cast<index_t>(in_h) * static_cast<index_t>(in_st.h);
+#pragma unroll
+        for (int i = 0; i < kDwWeightTaps; ++i) {
+          const int64_t in_w = in_w0 + i * cs.dilation_w;
+          if (s0 + i < cs.S && in_w >= 0 && in_w < cs.W) {
+            acc[i] += y * static_cast<acc_t>(
+                              in_row[static_cast<index_t>(in_w) * static_cast<index_t>(in_st.w)]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the previous block's readers are done with `sums`
+#pragma unroll
+    for (int i = 0; i < kDwWeightTaps; ++i) sums[i][threadIdx.x] = acc[i];
+    for (int stride = pixel_threads / 2; stride > 0; stride /= 2) {
+      __syncthreads();
+      if (pixel < stride) {
+#pragma unroll
+        for (int i = 0; i < kDwWeightTaps; ++i) {
+          sums[i][threadIdx.x] += sums[i][threadIdx.x + stride * pixel_step];
+        }
+      }
+    }
+    if (pixel == 0 && k < cs.K) {
+      acc_t* out = partial + split * weight_numel + (k * cs.R + r) * cs.S;
+#pragma unroll
+      for (int i = 0; i < kDwWeightTaps; ++i) {
+        if (s0 + i < cs.S) out[s0 + i] = sums[i][threadIdx.x];
+      }
+    }
+  }
+}
+
+// grad_weight[e] = sum over splits, in order, of partial[split][e].
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    conv2d_depthwise_grad_weight_sum_kernel(const acc_t* __restrict__ partial,
+                                            scalar_t* __restrict__ grad_weight, int64_t numel,
+                                            int64_t splits) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < numel;
+       e += int64_t(blockDim.x) * gridDim.x) {
+    acc_t sum = acc_t(0);
+    for (int64_t i = 0; i < splits; ++i) sum += partial[i * numel + e];
+    grad_weight[e] = static_cast<scalar_t>(sum);
+  }
+}
+
+// ===================================================================================
 // Host side
 // ===================================================================================
 
@@ -639,6 +1093,255 @@ void grad_bias(const at::Tensor& grad_output, at::Tensor& grad_bias_out, const C
   } else {
     launch(std::integral_constant<int, 32>{});
   }
+}
+
+int multiprocessor_count(const at::Tensor& t) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.get_device()));
+  return count;
+}
+
+// Splits `extent` into the fewest tiles of at most `max_size`, evened out; returns the tile size.
+int64_t balanced_tile(int64_t extent, int64_t max_size) {
+  return ceil_div(extent, ceil_div(extent, std::max<int64_t>(1, max_size)));
+}
+
+// The grad output rows (or columns) that a run of `inputs` input coordinates gathers from, at
+// most: outputs whose read lands in the run through some tap, i.e. in an interval of
+// inputs + (kernel - 1) * dilation coordinates, one per `stride`.
+int64_t depthwise_gather_extent(int64_t inputs, int64_t kernel, int64_t stride, int64_t dilation) {
+  return (inputs + (kernel - 1) * dilation - 1) / stride + 1;
+}
+
+// The staged extent along one dimension for a run of positions: conv_input_extent for the
+// forward pass, depthwise_gather_extent for grad input.
+using DepthwiseExtent = int64_t (*)(int64_t positions, int64_t kernel, int64_t stride,
+                                    int64_t dilation);
+
+// Plans the tiles of a depthwise pass over `rows` x `cols` positions of each of the C channels
+// of a sample (forward: output pixels; grad input: input pixels). Returns false when not even one
+// run of kDwCols positions of one channel fits in kDwSmemBytes, or when the sizes do not fit the
+// kernels' 32-bit coordinates (a sample's tiles index the grid's x dimension).
+bool plan_depthwise_tile(DepthwiseTile& t, const Conv2dShape& cs, int64_t rows, int64_t cols,
+                         bool channels_last, int64_t acc_bytes, int sm_count,
+                         DepthwiseExtent extent) {
+  auto src_extent = [&](int64_t positions, int dim) {
+    return dim == 0 ? extent(positions, cs.R, cs.stride_h, cs.dilation_h)
+                    : extent(positions, cs.S, cs.stride_w, cs.dilation_w);
+  };
+  const int64_t channels = cs.C;
+  const int64_t runs = ceil_div(cols, kDwCols);
+  if (std::max({cs.K, cs.H, cs.W, cs.P, cs.Q}) + kThreads > kInt32Max) return false;
+  const int64_t taps = cs.R * cs.S;
+  int64_t tc = 1, tr = 1, tg = 1;  // channels, rows and runs per tile
+  if (channels_last) {
+    tc = std::min<int64_t>(channels, kDwLaneChannels);
+    // The (rows x runs) shape of the other threads that stages least per output.
+    const int64_t slots = kThreads / tc;
+    double best = 0;
+    for (int64_t g = 1; g <= std::min(runs, slots); ++g) {
+      const int64_t r = balanced_tile(rows, slots / g);
+      const double staged = double(src_extent(r, 0) * src_extent(g * kDwCols, 1)) / (r * g);
+      if (g == 1 || staged < best) {
+        best = staged;
+        tr = r;
+        tg = g;
+      }
+    }
+  } else {
+    tg = balanced_tile(runs, kDwMaxGroups);
+    tr = balanced_tile(rows, kThreads / tg);
+    tc = std::min<int64_t>(channels, kThreads / (tr * tg));
+  }
+  auto sample_tiles = [&] {
+    return ceil_div(channels, tc) * ceil_div(rows, tr) * ceil_div(runs, tg);
+  };
+  auto smem_bytes = [&] {
+    const int64_t cols = src_extent(tg * kDwCols, 1);
+    const int64_t pitch = channels_last ? cols : cols | 1;  // NCHW rows at an odd pitch
+    return (tc * src_extent(tr, 0) * pitch + taps * tc) * acc_bytes;
+  };
+  // Fewer positions per block until every SM has two blocks: a small layer (7 x 7 planes, batch
+  // 1) otherwise runs on a fraction of the GPU. NCHW gives up planes first, channels_last rows.
+  while (cs.N * sample_tiles() < 2 * int64_t(sm_count)) {
+    if (!channels_last && tc > 1) {
+      tc = ceil_div(tc, 2);
+    } else if (tr > 1) {
+      tr = balanced_tile(rows, tr / 2);
+    } else if (tg > 1) {
+      tg = balanced_tile(runs, tg / 2);
+    } else {
+      break;
+    }
+  }
+  while (smem_bytes() > kDwSmemBytes) {
+    if (!channels_last && tc > 1) {
+      tc = ceil_div(tc, 2);
+    } else if (tr > 1) {
+      tr = balanced_tile(rows, tr / 2);
+    } else if (tg > 1) {
+      tg = balanced_tile(runs, tg / 2);
+    } else if (tc > 1) {
+      tc = ceil_div(tc, 2);
+    } else {
+      return false;
+    }
+  }
+  if (sample_tiles() > kInt32Max) return false;
+  t.channels = static_cast<int>(tc);
+  t.rows = static_cast<int>(tr);
+  t.groups = static_cast<int>(tg);
+  t.channels_last = channels_last;
+  t.src_rows = static_cast<int>(src_extent(tr, 0));
+  t.src_cols = static_cast<int>(src_extent(tg * kDwCols, 1));
+  if (channels_last) {
+    t.sm_c = 1;
+    t.sm_w = t.channels;
+    t.sm_h = t.src_cols * t.channels;
+  } else {
+    t.sm_w = 1;
+    t.sm_h = t.src_cols | 1;
+    t.sm_c = t.src_rows * t.sm_h;
+  }
+  t.tile_elems = channels_last ? t.src_rows * t.sm_h : t.channels * t.sm_c;
+  t.channel_tiles = static_cast<int>(ceil_div(channels, tc));
+  t.row_tiles = static_cast<int>(ceil_div(rows, tr));
+  t.col_tiles = static_cast<int>(ceil_div(runs, tg));
+  t.sample_tiles = t.channel_tiles * t.row_tiles * t.col_tiles;
+  t.threads = static_cast<int>(ceil_div(tc * tr * tg, 32) * 32);
+  t.smem_bytes = static_cast<size_t>(smem_bytes());
+  return true;
+}
+
+// A block per tile of a sample, and as many samples side by side as the grid's y dimension takes.
+dim3 depthwise_grid(const DepthwiseTile& t, const Conv2dShape& cs) {
+  constexpr int64_t kMaxGridY = 65535;
+  return dim3(static_cast<unsigned int>(t.sample_tiles),
+              static_cast<unsigned int>(std::min(cs.N, kMaxGridY)));
+}
+
+// Plans the tiles of a depthwise pass over rows x cols positions that reads `src` and writes
+// `dst` (plan_depthwise_tile), then calls launch(tile, index_tag) with the index type their
+// offsets need. Returns false, launching nothing, when no tile fits in shared memory.
+template <typename acc_t, typename Launch>
+bool launch_depthwise_tiles(const Conv2dShape& cs, int64_t rows, int64_t cols, bool channels_last,
+                            const at::Tensor& src, const at::Tensor& dst, DepthwiseExtent extent,
+                            const Launch& launch) {
+  DepthwiseTile t;
+  if (!plan_depthwise_tile(t, cs, rows, cols, channels_last, sizeof(acc_t),
+                           multiprocessor_count(src), extent)) {
+    return false;
+  }
+  const bool fits_int32 =
+      max_offset(src, cs.N) <= kInt32Max && max_offset(dst, cs.N) <= kInt32Max;
+  with_index_type(fits_int32, [&](auto index_tag) { launch(t, index_tag); });
+  return true;
+}
+
+template <typename scalar_t>
+void depthwise_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                       at::Tensor& output, const Conv2dShape& cs, bool channels_last,
+                       cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor weight_c = weight.contiguous();
+  const scalar_t* bias_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  auto run = [&](const DepthwiseTile& t, auto index_tag) {
+    using index_t = decltype(index_tag);
+    auto launch = [&](auto kernel) {
+      kernel<<<depthwise_grid(t, cs), t.threads, t.smem_bytes, stream>>>(
+          input.const_data_ptr<scalar_t>(), weight_c.const_data_ptr<scalar_t>(), bias_ptr,
+          output.mutable_data_ptr<scalar_t>(), cs, strides_of(input), strides_of(output), t);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    // Register windows for the common undilated 3x3 and 5x5 kernels at stride 1 and 2.
+    const bool window = cs.dilation_w == 1 && (cs.S == 3 || cs.S == 5) && cs.stride_w <= 2;
+    if (window && cs.S == 3 && cs.stride_w == 1) {
+      launch(conv2d_depthwise_forward_kernel<scalar_t, acc_t, index_t, 3, 1>);
+    } else if (window && cs.S == 3) {
+      launch(conv2d_depthwise_forward_kernel<scalar_t, acc_t, index_t, 3, 2>);
+    } else if (window && cs.stride_w == 1) {
+      launch(conv2d_depthwise_forward_kernel<scalar_t, acc_t, index_t, 5, 1>);
+    } else if (window) {
+      launch(conv2d_depthwise_forward_kernel<scalar_t, acc_t, index_t, 5, 2>);
+    } else {
+      launch(conv2d_depthwise_forward_kernel<scalar_t, acc_t, index_t, 0, 0>);
+    }
+  };
+  // The staged tile: the input its outputs read, halo included.
+  if (!launch_depthwise_tiles<acc_t>(cs, cs.P, cs.Q, channels_last, input, output,
+                                     conv_input_extent, run)) {
+    // A kernel dilated beyond the shared memory's reach: read the input through L1 instead.
+    direct_forward<scalar_t>(input, weight, bias, output, cs, channels_last, stream);
+  }
+}
+
+template <typename scalar_t>
+void depthwise_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                          at::Tensor& grad_input, const Conv2dShape& cs, bool channels_last,
+                          cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor weight_c = weight.contiguous();
+  auto run = [&](const DepthwiseTile& t, auto index_tag) {
+    using index_t = decltype(index_tag);
+    auto launch = [&](auto kernel) {
+      kernel<<<depthwise_grid(t, cs), t.threads, t.smem_bytes, stream>>>(
+          grad_output.const_data_ptr<scalar_t>(), weight_c.const_data_ptr<scalar_t>(),
+          grad_input.mutable_data_ptr<scalar_t>(), cs, strides_of(grad_output),
+          strides_of(grad_input), t);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (cs.stride_w == 1) {
+      launch(conv2d_depthwise_grad_input_kernel<scalar_t, acc_t, index_t, 1>);
+    } else if (cs.stride_w == 2) {
+      launch(conv2d_depthwise_grad_input_kernel<scalar_t, acc_t, index_t, 2>);
+    } else {
+      launch(conv2d_depthwise_grad_input_kernel<scalar_t, acc_t, index_t, 0>);
+    }
+  };
+  // The staged tile: the grad output window that its input pixels gather from.
+  if (!launch_depthwise_tiles<acc_t>(cs, cs.H, cs.W, channels_last, grad_output, grad_input,
+                                     depthwise_gather_extent, run)) {
+    direct_grad_input<scalar_t>(grad_output, weight, grad_input, cs, channels_last, stream);
+  }
+}
+
+template <typename scalar_t>
+void depthwise_grad_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                           at::Tensor& grad_weight, const Conv2dShape& cs, bool channels_last,
+                           cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t pixels = cs.N * cs.P * cs.Q;
+  DepthwiseWeightPlan g;
+  g.channels_last = channels_last;
+  // NCHW: a block per filter, or a warp's worth of threads per filter when there are few outputs
+  // to share out (as the direct grad weight does).
+  g.channels = channels_last ? kDwLaneChannels : pixels >= kBlockReduceMinCount ? 1 : 8;
+  g.channel_tiles = ceil_div(cs.K, g.channels);
+  g.tap_chunks = ceil_div(cs.S, kDwWeightTaps);
+  // Split the outputs until there are blocks for 4 per SM, keeping 8 outputs or more per thread.
+  const int64_t blocks = g.channel_tiles * cs.R * g.tap_chunks;
+  const int64_t pixel_threads = kThreads / g.channels;
+  g.splits = std::max<int64_t>(1, std::min(ceil_div(4 * multiprocessor_count(input), blocks),
+                                           pixels / (8 * pixel_threads)));
+  g.count = blocks * g.splits;
+  const int64_t numel = grad_weight.numel();
+  at::Tensor partial = at::empty({g.splits * numel},
+                                 input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const bool fits_int32 =
+      max_offset(grad_output, cs.N) <= kInt32Max && max_offset(input, cs.N) <= kInt32Max;
+  with_index_type(fits_int32, [&](auto index_tag) {
+    using index_t = decltype(index_tag);
+    conv2d_depthwise_grad_weight_kernel<scalar_t, acc_t, index_t>
+        <<<grid_size(g.count), kThreads, 0, stream>>>(
+            grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+            partial.mutable_data_ptr<acc_t>(), cs, strides_of(grad_output), strides_of(input), g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  conv2d_depthwise_grad_weight_sum_kernel<scalar_t, acc_t>
+      <<<grid_size(ceil_div(numel, kThreads)), kThreads, 0, stream>>>(
+          partial.const_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<scalar_t>(), numel,
+          g.splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Samples per im2col chunk: as many as fit the scratch budget, at least one.
@@ -767,15 +1470,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_backward(const at::Tensor&
           or_empty(grad_bias, output_mask[2])};
 }
 
+enum class CudaAlgo { direct, im2col, depthwise };
+
+// Checks `algo` for this layer and resolves "auto": depthwise layers run the depthwise kernels,
+// the rest im2col, whose GEMMs go to cuBLAS. (To be tuned in the GPU lane.)
+CudaAlgo resolve_cuda_algo(c10::string_view algo, const Conv2dShape& cs) {
+  check_conv2d_algo(algo, {"auto", "direct", "im2col", "depthwise"}, "cuda");
+  check_conv2d_depthwise_algo(algo, cs);
+  if (algo == "direct") return CudaAlgo::direct;
+  if (algo == "im2col") return CudaAlgo::im2col;
+  return algo == "depthwise" || is_depthwise(cs) ? CudaAlgo::depthwise : CudaAlgo::im2col;
+}
+
 at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        c10::string_view algo) {
   const Conv2dShape cs = conv2d_shape(input, weight, stride, padding, dilation, groups);
   check_conv2d_bias(bias, input, cs);
-  check_conv2d_algo(algo, {"auto", "direct", "im2col"}, "cuda");
-  // algo="auto" runs im2col here: its GEMMs go to cuBLAS. (To be tuned in the GPU lane.)
-  const bool use_im2col = algo != "direct";
+  const CudaAlgo resolved = resolve_cuda_algo(algo, cs);
   check_cuda_tensor(input, "input", input);
   check_cuda_tensor(weight, "weight", input);
   const bool has_bias = bias.has_value() && bias->defined();
@@ -792,10 +1505,16 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_conv2d_cuda", [&] {
-        if (use_im2col) {
-          im2col_forward<scalar_t>(input, weight, bias_c, output, cs, channels_last, stream);
-        } else {
-          direct_forward<scalar_t>(input, weight, bias_c, output, cs, channels_last, stream);
+        switch (resolved) {
+          case CudaAlgo::im2col:
+            im2col_forward<scalar_t>(input, weight, bias_c, output, cs, channels_last, stream);
+            break;
+          case CudaAlgo::depthwise:
+            depthwise_forward<scalar_t>(input, weight, bias_c, output, cs, channels_last, stream);
+            break;
+          case CudaAlgo::direct:
+            direct_forward<scalar_t>(input, weight, bias_c, output, cs, channels_last, stream);
+            break;
         }
       });
   return output;
@@ -807,9 +1526,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     c10::string_view algo, std::array<bool, 3> output_mask) {
   const Conv2dShape cs = conv2d_shape(input, weight, stride, padding, dilation, groups);
   check_conv2d_grad_output(grad_output, input, cs);
-  check_conv2d_algo(algo, {"auto", "direct", "im2col"}, "cuda");
-  // algo="auto" runs im2col here: its GEMMs go to cuBLAS. (To be tuned in the GPU lane.)
-  const bool use_im2col = algo != "direct";
+  const CudaAlgo resolved = resolve_cuda_algo(algo, cs);
   check_cuda_tensor(input, "input", input);
   check_cuda_tensor(weight, "weight", input);
   check_cuda_tensor(grad_output, "grad_output", input);
@@ -835,18 +1552,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
           grad_bias_t = at::empty({cs.K}, input.options());
           grad_bias<scalar_t>(grad_output, grad_bias_t, cs, stream);
         }
-        if (use_im2col) {
+        if (resolved == CudaAlgo::im2col) {
           if (output_mask[0] || output_mask[1]) {
             grad_weight = im2col_backward<scalar_t>(grad_output, input, weight, grad_input,
                                                     output_mask[1], cs, stream);
           }
-        } else {
-          if (output_mask[0]) {
+          return;
+        }
+        const bool depthwise = resolved == CudaAlgo::depthwise;
+        if (output_mask[0]) {
+          if (depthwise) {
+            depthwise_grad_input<scalar_t>(grad_output, weight, grad_input, cs, channels_last,
+                                           stream);
+          } else {
             direct_grad_input<scalar_t>(grad_output, weight, grad_input, cs, channels_last,
                                         stream);
           }
-          if (output_mask[1]) {
-            grad_weight = at::empty(weight.sizes(), weight.options());
+        }
+        if (output_mask[1]) {
+          grad_weight = at::empty(weight.sizes(), weight.options());
+          if (depthwise) {
+            depthwise_grad_weight<scalar_t>(grad_output, input, grad_weight, cs, channels_last,
+                                            stream);
+          } else {
             direct_grad_weight<scalar_t>(grad_output, input, grad_weight, cs, stream);
           }
         }

@@ -6,8 +6,10 @@ float32 (float64 for float64 inputs, FP64 set); the result is cast back on store
 
 depthwise: groups == C_in, `mult` output channels per input channel (output channel k reads
 input channel k // mult). A program computes BLOCK_Q output columns x BLOCK_C output channels of
-one output row; the kernel's taps are unrolled (R and S are constexpr: the 3x3, 5x5 and 7x7
-layers each get their own specialisation, as do strides 1 and 2).
+one output row: in channels_last the channels are the contiguous, vectorised dimension. The
+forward loads each input row of its tile, halo included, once. The kernel's taps are unrolled
+(R and S are constexpr: the 3x3, 5x5 and 7x7 layers each get their own specialisation, as do
+strides 1 and 2).
 """
 
 import triton
@@ -23,27 +25,53 @@ def depthwise_forward_kernel(
     pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, FP64: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_X: tl.constexpr,
 ):  # fmt: skip
+    """BLOCK_X > 0: each of the R input rows the program reads is loaded once, as a tile of
+    BLOCK_X columns (the BLOCK_Q outputs' columns and their halo, (BLOCK_Q - 1) * stride +
+    (S - 1) * dilation + 1 of them, rounded up to a power of two) x BLOCK_C channels; each tap's
+    window is then gathered from that tile in registers and shared memory, not reloaded.
+    BLOCK_X == 0 (a halo too wide for registers: large dilations): each tap loads its window."""
     np_ = tl.program_id(0)
     n = (np_ // P).to(tl.int64)  # offsets in int64: tensors may pass 2^31 elements
     p = (np_ % P).to(tl.int64)
-    q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q0 = tl.program_id(1) * BLOCK_Q
+    q = q0 + tl.arange(0, BLOCK_Q)
     k = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     q_ok = q < Q
     k_ok = k < K
     c = k // mult
     c64 = c.to(tl.int64)  # a channel's plane offset may pass 2^31 (NCHW)
     acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float64 if FP64 else tl.float32)
-    for r in tl.static_range(R):
-        y = (p * STRIDE_H - pad_h + r * dil_h).to(tl.int64)
-        row_ok = (y >= 0) & (y < H)
-        for s in tl.static_range(S):
-            x = q * STRIDE_W - pad_w + s * dil_w
-            ok = (row_ok & (x >= 0) & (x < W) & q_ok)[:, None] & k_ok[None, :]
-            src = x_ptr + n * sxn + y * sxh + x[:, None] * sxw + c64[None, :] * sxc
-            xv = tl.load(src, mask=ok, other=0.0)
-            wv = tl.load(w_ptr + k * (R * S) + (r * S + s), mask=k_ok, other=0.0)
-            acc += xv.to(acc.dtype) * wv.to(acc.dtype)[None, :]
+    if BLOCK_X > 0:
+        # The tile's input columns: the first output's first tap onwards.
+        x = q0 * STRIDE_W - pad_w + tl.arange(0, BLOCK_X)
+        x_ok = (
+            (x >= 0)
+            & (x < W)
+            & (tl.arange(0, BLOCK_X) < (BLOCK_Q - 1) * STRIDE_W + (S - 1) * dil_w + 1)
+        )
+        for r in tl.static_range(R):
+            y = (p * STRIDE_H - pad_h + r * dil_h).to(tl.int64)
+            ok = (x_ok & (y >= 0) & (y < H))[:, None] & k_ok[None, :]
+            src = x_ptr + n * sxn + y * sxh + x[:, None].to(tl.int64) * sxw + c64[None, :] * sxc
+            tile = tl.load(src, mask=ok, other=0.0).to(acc.dtype)
+            for s in tl.static_range(S):
+                window = tl.arange(0, BLOCK_Q) * STRIDE_W + s * dil_w  # columns within the tile
+                xv = tl.gather(tile, tl.broadcast_to(window[:, None], (BLOCK_Q, BLOCK_C)), axis=0)
+                wv = tl.load(w_ptr + k * (R * S) + (r * S + s), mask=k_ok, other=0.0)
+                acc += xv * wv.to(acc.dtype)[None, :]
+    else:
+        for r in tl.static_range(R):
+            y = (p * STRIDE_H - pad_h + r * dil_h).to(tl.int64)
+            row_ok = (y >= 0) & (y < H)
+            for s in tl.static_range(S):
+                x = q * STRIDE_W - pad_w + s * dil_w
+                ok = (row_ok & (x >= 0) & (x < W) & q_ok)[:, None] & k_ok[None, :]
+                src = x_ptr + n * sxn + y * sxh + x[:, None] * sxw + c64[None, :] * sxc
+                xv = tl.load(src, mask=ok, other=0.0)
+                wv = tl.load(w_ptr + k * (R * S) + (r * S + s), mask=k_ok, other=0.0)
+                acc += xv.to(acc.dtype) * wv.to(acc.dtype)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + k, mask=k_ok, other=0.0).to(acc.dtype)[None, :]
     out = y_ptr + n * syn + p * syh + q[:, None] * syw + k[None, :].to(tl.int64) * syc

@@ -285,7 +285,10 @@ torch.library.register_autograd(
 #   span several tiles in every dimension. grad weight splits its reduction over N*P*Q into
 #   chunks of at least "split_min_pixels" (tests/kernels/aot_compile.py compiles every config).
 TRITON_CONFIGS = {
-    "depthwise_forward": {"BLOCK_Q": 16, "BLOCK_C": 32},
+    # MAX_BLOCK_X: the widest input tile (columns) the forward stages; wider halos (large
+    # dilations) load each tap's window instead. The staged tile takes registers: with 4 warps
+    # the 7x7 specialisations spill, with 8 none does (tests/kernels/aot_compile.py).
+    "depthwise_forward": {"BLOCK_Q": 16, "BLOCK_C": 32, "MAX_BLOCK_X": 64, "num_warps": 8},
     "depthwise_grad_input": {"BLOCK_X": 16, "BLOCK_C": 32},
     "depthwise_grad_weight": {"BLOCK_PIX": 64, "BLOCK_C": 32},
     "implicit_gemm": {
@@ -475,12 +478,22 @@ def _conv2d_triton(
     return out
 
 
+def depthwise_tile_columns(block_q, s, stride_w, dilation_w):
+    """The depthwise forward's input tile width: BLOCK_Q outputs' columns and their halo,
+    rounded up to a power of two (tl.arange's sizes are)."""
+    import triton
+
+    return triton.next_power_of_2((block_q - 1) * stride_w + (s - 1) * dilation_w + 1)
+
+
 def _depthwise_forward(input, weight, bias, out, g, stride, padding, dilation):
     import triton
 
     from cnnops.kernels import conv2d as kernels
 
-    cfg = TRITON_CONFIGS["depthwise_forward"]
+    cfg = dict(TRITON_CONFIGS["depthwise_forward"])
+    block_x = depthwise_tile_columns(cfg["BLOCK_Q"], g["s"], stride[1], dilation[1])
+    cfg["BLOCK_X"] = block_x if block_x <= cfg.pop("MAX_BLOCK_X") else 0
     w = weight.contiguous()
     grid = (
         g["n"] * g["p"],

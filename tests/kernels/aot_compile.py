@@ -95,17 +95,33 @@ def gemm_cases(conv2d_kernels, configs):
 
 def depthwise_cases(conv2d_kernels, configs):
     """The depthwise kernels, with their one block shape each, unspecialised (any layout): the
-    forward for every kernel size and stride it has specialisations for, the gradients at 3x3."""
+    forward for every kernel size and stride it has specialisations for (its input tile sized
+    for dilation 1), and once without a staged tile (large dilations); the gradients at 3x3."""
+    from cnnops.ops.conv2d import depthwise_tile_columns
+
+    forward = dict(configs["depthwise_forward"])
+    del forward["MAX_BLOCK_X"]  # the launcher's, not the kernel's
+    options = dict(num_warps=forward.pop("num_warps"))
     for dtype in ("fp32", "fp16", "bf16"):
         for size in (3, 5, 7):
             for stride in (1, 2):
                 taps = dict(R=size, S=size, STRIDE_H=stride, STRIDE_W=stride, FP64=False)
+                block_x = depthwise_tile_columns(forward["BLOCK_Q"], size, stride, 1)
                 yield Case(
                     f"depthwise_forward-{dtype}-{size}x{size}-s{stride}",
                     conv2d_kernels.depthwise_forward_kernel,
                     dtype,
-                    dict(taps, HAS_BIAS=True, **configs["depthwise_forward"]),
+                    dict(taps, HAS_BIAS=True, BLOCK_X=block_x, **forward),
+                    options,
                 )
+        taps = dict(R=3, S=3, STRIDE_H=1, STRIDE_W=1, FP64=False)
+        yield Case(
+            f"depthwise_forward-{dtype}-3x3-s1-unstaged",
+            conv2d_kernels.depthwise_forward_kernel,
+            dtype,
+            dict(taps, HAS_BIAS=True, BLOCK_X=0, **forward),
+            options,
+        )
         for stride in (1, 2):
             taps = dict(R=3, S=3, STRIDE_H=stride, STRIDE_W=stride, FP64=False)
             for name in ("depthwise_grad_input", "depthwise_grad_weight"):

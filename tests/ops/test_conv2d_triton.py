@@ -84,6 +84,8 @@ TRITON_DEPTHWISE_CASES = [
     case(1, 3, 8, 10, 3, (3, 5), stride=(1, 2), padding=(2, 1), groups=3, id="asymmetric"),
     case(1, 3, 18, 19, 3, 3, padding=1, groups=3, id="several-column-blocks"),
     case(0, 4, 5, 5, 4, 3, padding=1, groups=4, id="batch0"),
+    # A halo wider than the staged tile (MAX_BLOCK_X): each tap loads its own window.
+    case(1, 3, 52, 52, 3, 3, dilation=25, groups=3, id="dil25-unstaged"),
 ]
 
 

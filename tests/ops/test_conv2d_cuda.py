@@ -254,6 +254,30 @@ def test_depthwise_large_tensor_is_indexed_in_int64(memory_format):
         torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("algo", CUDA_ALGOS)
+def test_large_tensor_is_indexed_in_int64(algo, memory_format):
+    """A dense layer whose input, output and grad input pass 2^31 elements, through direct and
+    im2col: checked on the first and the last rows, against torch on the slices they read."""
+    x = torch.randn(1, 2, 33000, 33000, device="cuda", dtype=torch.float16)
+    x = x.contiguous(memory_format=memory_format)
+    w = torch.randn(2, 2, 3, 3, device="cuda", dtype=torch.float16) / 4
+    assert x.numel() > 2**31
+    out = cnnops.conv2d(x, w, padding=1, algo=algo, backend="cuda")
+    grad_input = torch.ops.cnnops._conv2d_backward(
+        out, x, w, [1, 1], [1, 1], [1, 1], 1, algo, [True, False, False]
+    )[0]
+    # Grad input of a stride-1 convolution: a convolution with the transposed, flipped filters.
+    transposed = w.float().transpose(0, 1).flip(2, 3)
+    for first in (1, x.shape[2] - 5):
+        rows = slice(first - 1, first + 5)
+        want = F.conv2d(x[:, :, rows].float(), w.float(), padding=(0, 1))
+        torch.testing.assert_close(out[:, :, first : first + 4].float(), want, atol=2e-2, rtol=2e-2)
+        want = F.conv2d(out[:, :, rows].float(), transposed, padding=(0, 1))
+        got = grad_input[:, :, first : first + 4].float()
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
+
+
 def test_depthwise_algo_on_a_non_depthwise_layer_raises():
     x = torch.randn(2, 4, 9, 9, device="cuda")
     dense, grouped = torch.randn(6, 4, 3, 3, device="cuda"), torch.randn(4, 2, 3, 3, device="cuda")

@@ -170,6 +170,24 @@ def time_calls(fn, args, repeats, device):
     return (time.perf_counter() - begin) / repeats
 
 
+def cnnops_backends(ops, device, label):
+    """The cnnops backends that run every op of `ops` on `device`, and a note for each one that
+    cannot (labelled `label`, e.g. the benchmark's op); the cpu backend on a GPU goes unnoted."""
+    from cnnops.ops._backend import resolve_backend
+
+    usable, notes = [], []
+    for backend in ("cpu", "cuda", "triton"):
+        try:
+            for op in ops:
+                resolve_backend(op, device, backend)
+        except RuntimeError as exc:
+            if backend != "cpu" or device.type == "cpu":
+                notes.append(f"{label} provider cnnops-{backend} skipped: {exc}")
+            continue
+        usable.append(backend)
+    return usable, notes
+
+
 def close_error(actual, expected, tolerance):
     """(max abs error, tolerance) of `actual` against the float64 `expected`; inf if unusable."""
     if actual.shape != expected.shape:

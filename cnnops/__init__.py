@@ -11,6 +11,8 @@ _HAS_CUDA_KERNELS = bool(_C.has_cuda_kernels())
 from cnnops import nn  # noqa: E402
 from cnnops.ops._backend import available_backends, use_backend  # noqa: E402
 from cnnops.ops.conv2d import conv2d  # noqa: E402
+from cnnops.ops.nms import batched_nms, box_iou, nms  # noqa: E402
+from cnnops.ops.roi_align import roi_align  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -23,8 +25,12 @@ def has_cuda_kernels() -> bool:
 __all__ = [
     "__version__",
     "available_backends",
+    "batched_nms",
+    "box_iou",
     "conv2d",
     "has_cuda_kernels",
+    "nms",
     "nn",
+    "roi_align",
     "use_backend",
 ]

@@ -18,7 +18,12 @@ BACKENDS = ("cpu", "cuda", "triton")
 _backend_stack = []
 
 # Backends each op has kernels for. An op module adds itself when its kernels exist.
-_OP_BACKENDS = {"conv2d": ("cpu", "cuda", "triton")}
+_OP_BACKENDS = {
+    "conv2d": ("cpu", "cuda", "triton"),
+    "nms": ("cpu", "cuda", "triton"),
+    "box_iou": ("cpu", "cuda", "triton"),
+    "roi_align": ("cpu",),
+}
 
 
 def _check_name(backend, source):

@@ -56,13 +56,62 @@ def gemm_specialisation(kernel_name):
 
 
 def cases():
-    """The specialisations the conv2d ops launch."""
+    """The specialisations the conv2d and box ops launch."""
     from cnnops.kernels import conv2d as conv2d_kernels
 
     from cnnops.ops.conv2d import TRITON_CONFIGS
 
     yield from depthwise_cases(conv2d_kernels, TRITON_CONFIGS)
     yield from gemm_cases(conv2d_kernels, TRITON_CONFIGS)
+    yield from box_cases()
+
+
+def box_cases():
+    """The nms kernels (the IoU mask in float32 and float64, with and without class ids; the
+    greedy pass) and box_iou in every dtype, each with its GPU config."""
+    from cnnops.kernels import nms as nms_kernels
+
+    from cnnops.ops.nms import TRITON_CONFIGS
+
+    def split(config):
+        config = dict(config)
+        return config, {"num_warps": config.pop("num_warps")}
+
+    word_bits = TRITON_CONFIGS["word_bits"]
+    mask_blocks, mask_options = split(TRITON_CONFIGS["nms_iou_mask"]["gpu"])
+    for dtype in ("fp32", "fp64"):
+        for has_classes in (False, True):
+            yield Case(
+                f"nms_iou_mask-{dtype}-{'classes' if has_classes else 'no-classes'}",
+                nms_kernels.nms_iou_mask_kernel,
+                dtype,
+                dict(
+                    HAS_CLASSES=has_classes,
+                    FP64=dtype == "fp64",
+                    WORD_BITS=word_bits,
+                    **mask_blocks,
+                ),
+                mask_options,
+                {"classes_ptr": "i64", "mask_ptr": "i64"},
+            )
+    greedy_blocks, greedy_options = split(TRITON_CONFIGS["nms_greedy"]["gpu"])
+    yield Case(
+        "nms_greedy",
+        nms_kernels.nms_greedy_kernel,
+        "i64",
+        dict(WORD_BITS=word_bits, **greedy_blocks),
+        greedy_options,
+        {"valid_ptr": "i8", "keep_ptr": "i8"},
+    )
+    iou_blocks, iou_options = split(TRITON_CONFIGS["box_iou"]["gpu"])
+    for dtype in ("fp32", "fp64", "fp16", "bf16"):
+        yield Case(
+            f"box_iou-{dtype}",
+            nms_kernels.box_iou_kernel,
+            dtype,
+            dict(FP64=dtype == "fp64", **iou_blocks),
+            iou_options,
+        )
 
 
 def gemm_cases(conv2d_kernels, configs):

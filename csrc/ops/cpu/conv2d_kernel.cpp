@@ -37,6 +37,7 @@
 #endif
 
 #include "ops/conv2d.h"
+#include "ops/cpu/isa.h"
 
 namespace cnnops {
 namespace {
@@ -920,11 +921,9 @@ __attribute__((always_inline)) inline void direct_forward_tasks(const DirectTask
   }
 }
 
-// One copy of the hot loop per instruction set, chosen at run time: the extension is built for
-// the baseline x86-64 ISA, and AVX-512 / AVX2+FMA are what make this kernel worth having.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define CNNOPS_HAS_ISA_VARIANTS 1
-#define CNNOPS_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+// One copy of the hot loop per instruction set, chosen at run time (isa.h): AVX-512 / AVX2+FMA
+// are what make this kernel worth having.
+#ifdef CNNOPS_HAS_ISA_VARIANTS
 template <int kKB>
 CNNOPS_AVX512 void direct_forward_tasks_avx512(
     const DirectTasks& a, int64_t begin, int64_t end) {
@@ -943,13 +942,6 @@ template <int kKB>
 __attribute__((target("avx2,fma"))) void direct_forward_tasks_avx2(const DirectTasks& a,
                                                                   int64_t begin, int64_t end) {
   direct_forward_tasks<float, kKB, 32>(a, begin, end);
-}
-
-// Whether this CPU runs the AVX-512 variants (compiled with exactly these features).
-bool cpu_has_avx512() {
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-  return avx512;
 }
 
 // Channel tiles (AVX-512, float32), for small planes. On a 7 x 7 plane a wide row computes 64

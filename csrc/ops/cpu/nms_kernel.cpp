@@ -276,16 +276,20 @@ at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
   check_nms_args(boxes, scores, idxs, max_output);
   TORCH_CHECK(boxes.scalar_type() == at::kFloat || boxes.scalar_type() == at::kDouble,
               "nms (cpu backend): boxes must be float32 or float64, got ", boxes.scalar_type());
+  const auto by_descending_score = [](const at::Tensor& t) {
+    return std::get<1>(t.sort(/*stable=*/true, 0, /*descending=*/true));
+  };
   // The candidates, in torchvision's order: descending score, ties by index (a stable sort).
-  at::Tensor candidates = at::arange(boxes.size(0), boxes.options().dtype(at::kLong));
+  at::Tensor by_score;
   if (score_threshold.has_value()) {
-    candidates = at::nonzero(scores > *score_threshold).view(-1);
+    const at::Tensor candidates = at::nonzero(scores > *score_threshold).view(-1);
+    by_score = candidates.index_select(0, by_descending_score(scores.index_select(0, candidates)));
+  } else {
+    by_score = by_descending_score(scores);
   }
-  if (candidates.numel() == 0 || max_output.value_or(1) == 0) {
+  if (by_score.numel() == 0 || max_output.value_or(1) == 0) {
     return at::empty({0}, boxes.options().dtype(at::kLong));
   }
-  const at::Tensor by_score = candidates.index_select(
-      0, std::get<1>(scores.index_select(0, candidates).sort(/*stable=*/true, 0, true)));
   // With class ids, each class's boxes become a segment of their own, still in score order.
   at::Tensor order = by_score;
   at::Tensor rank;  // of each position of `order` in by_score

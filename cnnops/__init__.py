@@ -13,6 +13,7 @@ from cnnops.ops._backend import available_backends, use_backend  # noqa: E402
 from cnnops.ops.conv2d import conv2d  # noqa: E402
 from cnnops.ops.nms import batched_nms, box_iou, nms  # noqa: E402
 from cnnops.ops.roi_align import roi_align  # noqa: E402
+from cnnops.ops.roi_pool import roi_pool  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,6 @@ __all__ = [
     "nms",
     "nn",
     "roi_align",
+    "roi_pool",
     "use_backend",
 ]

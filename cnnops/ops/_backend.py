@@ -22,7 +22,8 @@ _OP_BACKENDS = {
     "conv2d": ("cpu", "cuda", "triton"),
     "nms": ("cpu", "cuda", "triton"),
     "box_iou": ("cpu", "cuda", "triton"),
-    "roi_align": ("cpu",),
+    "roi_align": ("cpu", "cuda", "triton"),
+    "roi_pool": ("cpu", "cuda", "triton"),
 }
 
 

@@ -89,7 +89,8 @@ def roi_align(
     )
 
 
-def _roi_memory_format(input):
+def roi_memory_format(input):
+    """The layout RoI outputs take: channels_last for a channels_last input, else contiguous."""
     if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
@@ -99,14 +100,14 @@ def _roi_memory_format(input):
 def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio,
                     aligned):  # fmt: skip
     shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
-    return input.new_empty(shape).contiguous(memory_format=_roi_memory_format(input))
+    return input.new_empty(shape).contiguous(memory_format=roi_memory_format(input))
 
 
 @torch.library.register_fake("cnnops::_roi_align_backward")
 def _roi_align_backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size,
                              channels, height, width, sampling_ratio, aligned):  # fmt: skip
     out = grad.new_empty((batch_size, channels, height, width))
-    return out.contiguous(memory_format=_roi_memory_format(grad))
+    return out.contiguous(memory_format=roi_memory_format(grad))
 
 
 def _setup_context(ctx, inputs, output):

@@ -96,12 +96,18 @@ CNNOPS_HOST_DEVICE BilinearTaps<T> bilinear_taps(T y, T x, int64_t height, int64
 
 }  // namespace cnnops
 
-// ---- Host-only: argument checks shared by the C++ backends (defined in roi_align.cpp). ----
+// ---- Host-only: argument checks shared by the C++ backends of roi_align and roi_pool (defined
+// in roi_align.cpp). `op` names the op in the messages. ----
 #include <ATen/core/Tensor.h>
 
 namespace cnnops {
 
-void check_roi_align_args(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
-                          int64_t pooled_h, int64_t pooled_w);
+void check_roi_args(const char* op, const at::Tensor& input, const at::Tensor& rois,
+                    double spatial_scale, int64_t pooled_h, int64_t pooled_w);
+
+// Raises on a RoI that cannot be pooled: a non-finite coordinate, or a batch index that is not
+// an integer in [0, batch_size). torchvision reads out of bounds (or crashes) on these. `rois`
+// must be on the CPU: the CUDA backends copy their [K, 5] RoIs to the host for this one check.
+void check_roi_boxes(const char* op, const at::Tensor& rois, int64_t batch_size);
 
 }  // namespace cnnops

@@ -41,22 +41,6 @@ struct RoiTaps {
   std::vector<SampleTap<T>> taps;
 };
 
-// Raises on a RoI that cannot be pooled: torchvision reads out of bounds (or crashes) on these.
-template <typename T>
-void check_rois(const T* rois, int64_t num_rois, int64_t batch_size) {
-  for (int64_t k = 0; k < num_rois; ++k) {
-    const T* r = rois + 5 * k;
-    TORCH_CHECK(std::isfinite(r[1]) && std::isfinite(r[2]) && std::isfinite(r[3]) &&
-                    std::isfinite(r[4]),
-                "roi_align: rois[", k, "] has a non-finite coordinate (", r[1], ", ", r[2], ", ",
-                r[3], ", ", r[4], ")");
-    TORCH_CHECK(r[0] >= 0 && r[0] < static_cast<T>(batch_size) &&
-                    r[0] == static_cast<T>(static_cast<int64_t>(r[0])),
-                "roi_align: rois[", k, "] has batch index ", r[0],
-                ", expected an integer in [0, ", batch_size, ")");
-  }
-}
-
 template <typename T>
 RoiTaps<T> compute_taps(const at::Tensor& rois, int64_t height, int64_t width, T spatial_scale,
                         int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
@@ -189,7 +173,8 @@ bool is_channels_last(const at::Tensor& t) {
 at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                          int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
                          bool aligned) {
-  check_roi_align_args(input, rois, spatial_scale, pooled_h, pooled_w);
+  check_roi_args("roi_align", input, rois, spatial_scale, pooled_h, pooled_w);
+  check_roi_boxes("roi_align", rois, input.size(0));
   check_cpu_dtype(input);
   const int64_t num_rois = rois.size(0), channels = input.size(1);
   const int64_t height = input.size(2), width = input.size(3);
@@ -201,7 +186,6 @@ at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double
   const at::Tensor in = input.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor r = rois.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "roi_align_cpu", [&] {
-    check_rois(r.const_data_ptr<scalar_t>(), num_rois, input.size(0));
     const RoiTaps<scalar_t> t = compute_taps<scalar_t>(
         r, height, width, static_cast<scalar_t>(spatial_scale), pooled_h, pooled_w,
         sampling_ratio, aligned);
@@ -242,7 +226,8 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
   TORCH_CHECK(batch_size >= 0 && channels >= 0,
               "roi_align backward: batch_size and channels must be >= 0");
   const at::Tensor like = at::empty({batch_size, channels, height, width}, grad.options());
-  check_roi_align_args(like, rois, spatial_scale, pooled_h, pooled_w);
+  check_roi_args("roi_align", like, rois, spatial_scale, pooled_h, pooled_w);
+  check_roi_boxes("roi_align", rois, batch_size);
   check_cpu_dtype(grad);
   // The result takes the layout the forward's output had (channels_last in, channels_last out).
   const bool channels_last = is_channels_last(grad);
@@ -256,7 +241,6 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
   const at::Tensor g = grad.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor r = rois.contiguous();
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "roi_align_backward_cpu", [&] {
-    check_rois(r.const_data_ptr<scalar_t>(), r.size(0), batch_size);
     const RoiTaps<scalar_t> t = compute_taps<scalar_t>(
         r, height, width, static_cast<scalar_t>(spatial_scale), pooled_h, pooled_w,
         sampling_ratio, aligned);

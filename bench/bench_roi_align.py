@@ -40,8 +40,11 @@ def with_backward(pool):
     return run
 
 
-def make_case(set_name, spec, device, backends, channels_last, backward):
-    name, n, c, h, w, k, size, scale, ratio = spec
+def roi_case(op, set_name, spec, device, backends, channels_last, backward, reference, ours,
+             shape):
+    """A case of a RoI pooling op (roi_align or roi_pool) on the RoIs and map of `spec`:
+    `reference(x, rois)` is torchvision's, `ours(backend)` cnnops' on that backend."""
+    name, n, c, h, w, k, size, scale = spec[:8]
 
     def make_args():
         generator = torch.Generator().manual_seed(0)
@@ -54,12 +57,6 @@ def make_case(set_name, spec, device, backends, channels_last, backward):
             args += (torch.randn(k, c, size, size, generator=generator),)
         return tuple(t.to(device) for t in args)
 
-    def reference(x, rois):
-        return torchvision.ops.roi_align(x, rois, size, scale, ratio)
-
-    def ours(backend):
-        return lambda x, rois: cnnops.roi_align(x, rois, size, scale, ratio, backend=backend)
-
     def call(pool):
         return with_backward(pool) if backward else pool
 
@@ -70,11 +67,11 @@ def make_case(set_name, spec, device, backends, channels_last, backward):
         Provider(f"cnnops-{backend}", call(ours(backend))) for backend in backends
     )
     return Case(
-        op=f"{OP} fwd+bwd" if backward else OP,
+        op=f"{op} fwd+bwd" if backward else op,
         set_name=set_name,
         layer=name,
         batch=n,
-        shape=dict(N=n, C=c, H=h, W=w, K=k, out=size, scale=scale, ratio=ratio),
+        shape=dict(N=n, C=c, H=h, W=w, K=k, out=size, scale=scale, **shape),
         dtype=torch.float32,
         device=device,
         make_args=make_args,
@@ -84,25 +81,29 @@ def make_case(set_name, spec, device, backends, channels_last, backward):
     )
 
 
-def build_cases(
-    device,
-    *,
-    sets=None,
-    batches=None,
-    dtypes=None,
-    quick=False,
-    channels_last=False,
-    backward=False,
-    stream=sys.stderr,
-):
-    """(the roi_align cases for `device`, notes for the results header). The shapes are fixed
-    (batches and dtypes do not apply); quick runs the same case with 64 RoIs."""
+def make_case(set_name, spec, device, backends, channels_last, backward):
+    size, scale, ratio = spec[6:]
+
+    def reference(x, rois):
+        return torchvision.ops.roi_align(x, rois, size, scale, ratio)
+
+    def ours(backend):
+        return lambda x, rois: cnnops.roi_align(x, rois, size, scale, ratio, backend=backend)
+
+    return roi_case(OP, set_name, spec, device, backends, channels_last, backward, reference,
+                    ours, dict(ratio=ratio))  # fmt: skip
+
+
+def build_roi_cases(op, roi_sets, make_case, device, sets, quick, channels_last, backward,
+                    stream):  # fmt: skip
+    """(the cases of `op` for `device`, notes for the results header). The shapes are fixed
+    (batches and dtypes do not apply); quick runs the same cases with 64 RoIs."""
     device = torch.device(device)
-    backends, notes = cnnops_backends((OP,), device, OP)
+    backends, notes = cnnops_backends((op,), device, op)
     for note in notes:
         print(note, file=stream)
     cases = []
-    for set_name, specs in ROI_SETS.items():
+    for set_name, specs in roi_sets.items():
         if sets is not None and set_name not in sets:
             continue
         for spec in specs:
@@ -110,3 +111,11 @@ def build_cases(
                 spec = spec[:5] + (64,) + spec[6:]
             cases.append(make_case(set_name, spec, device, backends, channels_last, backward))
     return cases, notes
+
+
+def build_cases(device, *, sets=None, channels_last=False, backward=False, quick=False,
+                stream=sys.stderr, **_):  # fmt: skip
+    """(the roi_align cases for `device`, notes for the results header)."""
+    return build_roi_cases(
+        OP, ROI_SETS, make_case, device, sets, quick, channels_last, backward, stream
+    )

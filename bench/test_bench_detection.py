@@ -1,13 +1,14 @@
-"""The detection ops' cases of `python -m bench` (box ops, roi_align) as pytest-benchmark tests:
-`pytest bench/ --benchmark-only`. Same case definitions as the bench modules' build_cases."""
+"""The detection ops' cases of `python -m bench` (box ops, roi_align, roi_pool) as
+pytest-benchmark tests: `pytest bench/ --benchmark-only`. Same case definitions as the bench modules' build_cases."""
 
 import pytest
 
-from bench import bench_nms, bench_roi_align, hardware
+from bench import bench_nms, bench_roi_align, bench_roi_pool, hardware
 from bench.harness import synchronized
 
 DEVICE = hardware.best_device()
-CASES = [case for module in (bench_nms, bench_roi_align) for case in module.build_cases(DEVICE)[0]]
+MODULES = (bench_nms, bench_roi_align, bench_roi_pool)
+CASES = [case for module in MODULES for case in module.build_cases(DEVICE)[0]]
 
 PARAMS = [
     pytest.param(case, provider, id=f"{case.op}-{case.layer}-{provider.name}")

@@ -33,7 +33,7 @@ def roi_pool(input, boxes, output_size, spatial_scale=1.0, *, backend=None):
 def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
     shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
     output = input.new_empty(shape).contiguous(memory_format=roi_memory_format(input))
-    return output, torch.empty_like(output, dtype=torch.int64)
+    return output, torch.empty_like(output, dtype=torch.int32)
 
 
 @torch.library.register_fake("cnnops::_roi_pool_backward")

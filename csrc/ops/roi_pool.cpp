@@ -5,7 +5,8 @@
 
 TORCH_LIBRARY_FRAGMENT(cnnops, m) {
   // (output, argmax): argmax[k, c, ph, pw] is the offset y * W + x, in RoI k's image, of the
-  // pixel that won bin (ph, pw) of channel c, or -1 for a bin with no pixels.
+  // pixel that won bin (ph, pw) of channel c, or -1 for a bin with no pixels. int32, as
+  // torchvision's: argmax is as large as the output, and int64 would double what the op writes.
   m.def(
       "roi_pool(Tensor input, Tensor rois, float spatial_scale, int pooled_height, "
       "int pooled_width) -> (Tensor, Tensor)");

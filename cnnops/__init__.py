@@ -11,7 +11,7 @@ _HAS_CUDA_KERNELS = bool(_C.has_cuda_kernels())
 from cnnops import nn  # noqa: E402
 from cnnops.ops._backend import available_backends, use_backend  # noqa: E402
 from cnnops.ops.conv2d import conv2d  # noqa: E402
-from cnnops.ops.nms import batched_nms, box_iou, nms  # noqa: E402
+from cnnops.ops.nms import batched_nms, box_iou, nms, soft_nms  # noqa: E402
 from cnnops.ops.roi_align import roi_align  # noqa: E402
 from cnnops.ops.roi_pool import roi_pool  # noqa: E402
 
@@ -34,5 +34,6 @@ __all__ = [
     "nn",
     "roi_align",
     "roi_pool",
+    "soft_nms",
     "use_backend",
 ]

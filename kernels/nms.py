@@ -1,4 +1,4 @@
-"""Triton kernels for nms, batched_nms and box_iou. Imports nothing from cnnops:
+"""Triton kernels for nms, batched_nms, soft_nms and box_iou. Imports nothing from cnnops:
 cnnops/ops/nms.py sorts the boxes, launches these kernels and maps the result back.
 
 Boxes are (x1, y1, x2, y2). The arithmetic is torchvision's, operation for operation
@@ -19,6 +19,8 @@ nms runs in two kernels over the boxes sorted by descending score:
    chain of suppressions; the kept boxes' mask rows are then OR-ed, a chunk of words at a time,
    into the "removed" words of the boxes after the block, which live in a global scratch
    tensor. No host round trip: the mask never leaves the device.
+
+soft_nms_kernel runs Soft-NMS in one program, one sweep over the boxes per pick (see there).
 """
 
 import triton
@@ -186,3 +188,125 @@ def nms_greedy_kernel(
                 tl.store(removed_ptr + words, old | set_bits, mask=words_ok)
         # The next block reads words that other threads of this program have just stored.
         tl.debug_barrier()
+
+
+@triton.jit
+def _exp_nonpositive(x, FP64: tl.constexpr):
+    """exp(x) for x <= 0, as csrc/ops/nms.h's exp_nonpositive (the CPU and CUDA kernels' weight),
+    operation for operation: Cody-Waite reduction, Taylor polynomial, 2^n built in the exponent
+    bits, 0 below -87 (float32) or -708 (float64). tl.exp would be the GPU's approximate exp2."""
+    if FP64:
+        underflow = x < -708.0
+        x = tl.where(underflow, 0.0, x)
+        shifter = 6755399441055744.0  # 1.5 * 2^52: adding and subtracting it rounds
+        n = (x * 1.4426950408889634 + shifter) - shifter
+        r = (x - n * 6.93145751953125e-1) - n * 1.42860682030941723212e-6
+        p = tl.full(r.shape, 1.0 / 6227020800.0, tl.float64)
+        p = p * r + 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+        p = p * r + 1.0 / 5040.0
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        p = p * r + 1.0
+        bits = tl.where(underflow, 0, (n.to(tl.int64) + 1023) << 52)
+        scale = bits.to(tl.float64, bitcast=True)
+    else:
+        underflow = x < -87.0
+        x = tl.where(underflow, 0.0, x)
+        shifter = 12582912.0  # 1.5 * 2^23
+        n = (x * 1.44269504088896341 + shifter) - shifter
+        r = (x - n * 0.693359375) - n * -2.12194440e-4
+        p = tl.full(r.shape, 1.0 / 5040.0, tl.float32)
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        p = p * r + 1.0
+        bits = tl.where(underflow, 0, (n.to(tl.int32) + 127) << 23)
+        scale = bits.to(tl.float32, bitcast=True)
+    return p * scale
+
+
+@triton.jit
+def soft_nms_kernel(
+    boxes_ptr, work_ptr, params_ptr, keep_ptr, kept_scores_ptr, count_ptr,
+    N,
+    GAUSSIAN: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Soft-NMS in one program. boxes: [N, 4] contiguous, in the compute dtype (float64 with
+    FP64, else float32); work: [N] the scores in the compute dtype, overwritten with the current
+    scores (NaN: dropped or picked); params: [sigma, iou_threshold, score_threshold] in the compute
+    dtype (the launcher rounds the thresholds so that the comparisons are the float64 ones).
+    Writes the picks to keep (int64) and kept_scores (compute dtype), and their count to count.
+
+    A pick is one sweep over the boxes, BLOCK at a time: decay every live box by the weight of its
+    IoU with the last pick (csrc/ops/nms.h's soft_nms_weight: the IoU clamped to [0, 1], NaN as
+    0), drop those now below score_threshold, and keep per lane the best live box so far (strictly
+    greater only: lanes see increasing indices, so the lower index wins a tie). One reduction over
+    the lanes then gives the next pick: the highest score, the lowest index among equals. The
+    first sweep has no pick to decay by and only applies score_threshold. The loop runs while a
+    sweep finds a box; each pick kills at least itself."""
+    compute = tl.float64 if FP64 else tl.float32
+    sigma = tl.load(params_ptr)
+    iou_threshold = tl.load(params_ptr + 1)
+    score_threshold = tl.load(params_ptr + 2)
+    lanes = tl.arange(0, BLOCK)
+    picked = tl.full((), -1, tl.int32)  # none yet
+    count = tl.full((), 0, tl.int32)
+    go = tl.full((), 1, tl.int1)  # the launcher runs it only for N > 0
+    while go:
+        has_pick = picked >= 0
+        p = tl.maximum(picked, 0).to(tl.int64) * 4
+        px1 = tl.load(boxes_ptr + p)
+        py1 = tl.load(boxes_ptr + p + 1)
+        px2 = tl.load(boxes_ptr + p + 2)
+        py2 = tl.load(boxes_ptr + p + 3)
+        lane_best = tl.full((BLOCK,), 0.0, compute)
+        lane_index = tl.full((BLOCK,), -1, tl.int32)
+        for start in range(0, N, BLOCK):
+            index = start + lanes
+            in_range = index < N
+            score = tl.load(work_ptr + index, mask=in_range, other=float("nan"))
+            live = in_range & (score == score)
+            base = boxes_ptr + index.to(tl.int64) * 4
+            x1 = tl.load(base, mask=live, other=0.0)
+            y1 = tl.load(base + 1, mask=live, other=0.0)
+            x2 = tl.load(base + 2, mask=live, other=0.0)
+            y2 = tl.load(base + 3, mask=live, other=0.0)
+            iou = _box_iou_tile(px1, py1, px2, py2, x1, y1, x2, y2, FP64)
+            overlap = tl.where(iou > 0.0, tl.where(iou < 1.0, iou, 1.0), 0.0)
+            if GAUSSIAN:
+                if FP64:
+                    exponent = -(overlap * overlap) / sigma
+                else:
+                    exponent = tl.div_rn(-(overlap * overlap), sigma)  # `/` is approximate
+                weight = _exp_nonpositive(exponent, FP64)
+            else:
+                weight = 1.0 - tl.where(overlap > iou_threshold, overlap, 0.0)
+            decayed = score * tl.where(has_pick, weight, 1.0)
+            alive = (decayed >= score_threshold) & (index != picked)
+            tl.store(work_ptr + index, tl.where(alive, decayed, float("nan")), mask=live)
+            take = alive & ((lane_index < 0) | (decayed > lane_best))
+            lane_best = tl.where(take, decayed, lane_best)
+            lane_index = tl.where(take, index, lane_index)
+        found = lane_index >= 0
+        best = tl.max(tl.where(found, lane_best, -float("inf")), axis=0)
+        best_index = tl.min(tl.where(found & (lane_best == best), lane_index, N), axis=0)
+        go = best_index < N
+        tl.store(keep_ptr + count, best_index.to(tl.int64), mask=go)
+        tl.store(kept_scores_ptr + count, best, mask=go)
+        count += go.to(tl.int32)
+        picked = best_index
+        # The next sweep reads the scores this one stored (each lane its own, but the barrier
+        # keeps that safe whatever layout the compiler picks for the loads and the stores).
+        tl.debug_barrier()
+    tl.store(count_ptr, count)

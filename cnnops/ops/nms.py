@@ -1,10 +1,11 @@
-"""cnnops.nms, batched_nms and box_iou: the public functions and their fake kernels.
+"""cnnops.nms, batched_nms, soft_nms and box_iou: the public functions and their fake kernels.
 
-Same signatures and results as torchvision.ops, plus `score_threshold` and `max_output` for nms
-and a `backend` keyword. The kernels are the C++ ops `cnnops::nms` (with class ids for
-batched_nms) and `cnnops::box_iou` (csrc/ops/nms.cpp), one implementation per backend, and for
-the triton backend the ops `cnnops::nms_triton` and `cnnops::box_iou_triton` defined here (their
-kernels are in cnnops.kernels.nms).
+nms, batched_nms and box_iou: same signatures and results as torchvision.ops, plus
+`score_threshold` and `max_output` for nms and a `backend` keyword. soft_nms: mmcv's soft_nms
+with torchvision's IoU. The kernels are the C++ ops `cnnops::nms` (with class ids for
+batched_nms), `cnnops::soft_nms` and `cnnops::box_iou` (csrc/ops/nms.cpp), one implementation
+per backend, and for the triton backend the ops `cnnops::nms_triton`, `cnnops::soft_nms_triton`
+and `cnnops::box_iou_triton` defined here (their kernels are in cnnops.kernels.nms).
 """
 
 import math
@@ -103,6 +104,73 @@ def batched_nms(boxes, scores, idxs, iou_threshold, *, backend=None):
     return torch.ops.cnnops.nms(*args)
 
 
+_SOFT_NMS_METHODS = ("gaussian", "linear")
+
+
+def _check_soft_nms_args(boxes, scores, sigma, iou_threshold, score_threshold, method):
+    """The checks of soft_nms, also run by the triton op (which can be called directly)."""
+    _check_scores(boxes, scores, "soft_nms")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise TypeError(f"soft_nms: sigma must be a number, got {sigma!r}")
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"soft_nms: sigma must be > 0 and finite, got {sigma!r}")
+    iou_threshold = _check_threshold(iou_threshold, "iou_threshold", "soft_nms")
+    score_threshold = _check_threshold(score_threshold, "score_threshold", "soft_nms")
+    if not isinstance(method, str):
+        raise TypeError(f"soft_nms: method must be a str, got {method!r}")
+    if method not in _SOFT_NMS_METHODS:
+        raise ValueError(f'soft_nms: method must be "gaussian" or "linear", got {method!r}')
+    if boxes.shape[0] > 2**31 - 1:
+        raise ValueError(f"soft_nms: at most 2^31 - 1 boxes, got {boxes.shape[0]}")
+    return float(sigma), iou_threshold, score_threshold
+
+
+def soft_nms(
+    boxes,
+    scores,
+    sigma=0.5,
+    iou_threshold=0.3,
+    score_threshold=0.001,
+    method="gaussian",
+    *,
+    backend=None,
+):
+    """Soft-NMS (Bodla et al. 2017; mmcv's soft_nms, with torchvision's IoU: no +1 offset, and
+    the Gaussian method by default, where mmcv's default is linear).
+
+    Repeatedly picks the surviving box of highest current score (ties: the lower index) and
+    multiplies the score of every other survivor j by a weight of its IoU with the picked box:
+      method="gaussian": exp(-IoU^2 / sigma) (iou_threshold is unused, as in mmcv);
+      method="linear": 1 - IoU where IoU > iou_threshold, else 1.
+    A box is dropped, never to be picked, as soon as its score is below score_threshold
+    (`score < score_threshold`, as in mmcv: a score equal to it stays), both at the start (mmcv
+    checks only after a decay) and after every decay. The IoU is clamped to [0, 1] first (NaN,
+    from two empty boxes or NaN coordinates, counts as 0), so weights lie in [0, 1] and
+    non-negative scores only fall.
+
+    NaN scores: a box scoring NaN (or whose score becomes NaN, inf * 0) is dropped, as if below
+    every threshold; it is never picked and never returned.
+
+    Returns (keep, scores): int64 indices of the picked boxes in pick order, and their scores
+    when picked (the decayed scores, in the scores' dtype). For non-negative scores the pick
+    order is by descending decayed score.
+
+    Computed in float32 for float32, float16 and bfloat16 boxes, float64 for float64 boxes; the
+    comparisons with the (float64) thresholds are exact. The Gaussian weight uses its own
+    exp (csrc/ops/nms.h: within 1.2 ulp in float32), and flushes weights below about 1e-38
+    (float32) or 1e-308 (float64) to 0.
+
+    backend: None (see cnnops.use_backend), "cpu" (float32, float64), "cuda" or "triton".
+    """
+    sigma, iou_threshold, score_threshold = _check_soft_nms_args(
+        boxes, scores, sigma, iou_threshold, score_threshold, method
+    )
+    args = (boxes, scores, sigma, iou_threshold, score_threshold, method)
+    if resolve_backend("nms", boxes.device, backend) == "triton":
+        return torch.ops.cnnops.soft_nms_triton(*args)
+    return torch.ops.cnnops.soft_nms(*args)
+
+
 def _check_idxs(boxes, idxs):
     if idxs.is_floating_point() or idxs.is_complex() or idxs.dtype == torch.bool:
         raise TypeError(f"batched_nms: idxs must be an integer tensor, got {idxs.dtype}")
@@ -127,6 +195,13 @@ def _nms_fake(boxes, scores, idxs, iou_threshold, score_threshold, max_output):
     return boxes.new_empty((kept,), dtype=torch.int64)
 
 
+@torch.library.register_fake("cnnops::soft_nms")
+def _soft_nms_fake(boxes, scores, sigma, iou_threshold, score_threshold, method):
+    # How many boxes are picked depends on the data: one unbacked size, shared by both outputs.
+    picked = torch.library.get_ctx().new_dynamic_size()
+    return boxes.new_empty((picked,), dtype=torch.int64), scores.new_empty((picked,))
+
+
 @torch.library.register_fake("cnnops::box_iou")
 def _box_iou_fake(boxes1, boxes2):
     return boxes1.new_empty((boxes1.shape[0], boxes2.shape[0]))
@@ -141,6 +216,7 @@ def _box_iou_fake(boxes1, boxes2):
 # - nms_iou_mask: BLOCK_ROWS sorted boxes x one word of boxes per program.
 # - nms_greedy: one program; CHUNK_WORDS mask words per step of its OR-reduction.
 # - box_iou: a BLOCK_N x BLOCK_M tile of IoUs per program.
+# - soft_nms: one program, BLOCK boxes at a time.
 # The IoU tiles hold 8 values per thread: the IEEE division (div.rn) is a subroutine in SASS
 # whose call keeps every live value in registers, and at 16 per thread box_iou in float16 and
 # float64 spills (tests/kernels/aot_compile.py).
@@ -159,6 +235,11 @@ TRITON_CONFIGS = {
     "box_iou": {
         "gpu": dict(BLOCK_N=32, BLOCK_M=32, num_warps=4),
         "interpreter": dict(BLOCK_N=16, BLOCK_M=32),
+    },
+    # soft_nms: one program; BLOCK boxes per step of its sweep over the boxes (one sweep a pick).
+    "soft_nms": {
+        "gpu": dict(BLOCK=1024, num_warps=8),
+        "interpreter": dict(BLOCK=32),
     },
 }
 
@@ -265,6 +346,49 @@ def _nms_triton(
     return order.index_select(0, torch.nonzero(keep).view(-1))
 
 
+@torch.library.triton_op("cnnops::soft_nms_triton", mutates_args=())
+def _soft_nms_triton(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    sigma: float,
+    iou_threshold: float,
+    score_threshold: float,
+    method: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    sigma, iou_threshold, score_threshold = _check_soft_nms_args(
+        boxes, scores, sigma, iou_threshold, score_threshold, method
+    )
+    from cnnops.kernels import nms as kernels
+
+    n = boxes.shape[0]
+    compute = _compute_dtype(boxes.dtype)
+    device = boxes.device
+    keep = torch.empty(n, dtype=torch.int64, device=device)
+    kept_scores = torch.empty(n, dtype=compute, device=device)
+    count = torch.zeros(1, dtype=torch.int32, device=device)
+    if n > 0:
+        if compute == torch.float32:
+            # The float64 comparisons, made in float32 (as csrc/ops/nms.h's float thresholds):
+            # iou > t  <=>  iou > (largest float32 <= t); s >= t  <=>  s >= (smallest >= t).
+            iou_threshold = float32_at_or_below(iou_threshold)
+            score_threshold = -float32_at_or_below(-score_threshold)
+            # sigma stays > 0 in float32 (the weight divides by it), as in csrc/ops/nms.h's
+            # soft_nms_sigma: at least the least positive float32, +inf above the largest.
+            sigma = math.inf if sigma > 3.4028234663852886e38 else max(sigma, 2.0**-149)
+        params = torch.tensor([sigma, iou_threshold, score_threshold], dtype=compute, device=device)
+        work = torch.empty(n, dtype=compute, device=device)
+        work.copy_(scores)
+        torch.library.wrap_triton(kernels.soft_nms_kernel)[(1,)](
+            boxes.to(compute).contiguous(), work, params, keep, kept_scores, count, n,
+            GAUSSIAN=method == "gaussian", FP64=compute == torch.float64,
+            **_triton_config("soft_nms"),
+        )  # fmt: skip
+    # The picks are the first `count` entries. One nonzero, so that both outputs share its
+    # (data-dependent) size; it is the op's one host synchronisation, as nms's.
+    picked = torch.nonzero(torch.arange(n, device=device) < count).view(-1)
+    return keep.index_select(0, picked), kept_scores.index_select(0, picked).to(scores.dtype)
+
+
 @torch.library.triton_op("cnnops::box_iou_triton", mutates_args=())
 def _box_iou_triton(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     _check_boxes(boxes1, "boxes1", "box_iou")
@@ -295,4 +419,5 @@ def _box_iou_triton(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
 # Explicit fake kernels: triton_op would trace the function itself, but in Triton's interpreter
 # (no GPU) the kernel launches would then touch fake tensors' data.
 torch.library.register_fake("cnnops::nms_triton")(_nms_fake)
+torch.library.register_fake("cnnops::soft_nms_triton")(_soft_nms_fake)
 torch.library.register_fake("cnnops::box_iou_triton")(_box_iou_fake)

@@ -1,4 +1,5 @@
-"""The CUDA C++ nms, batched_nms and box_iou kernels against torchvision.ops. Needs a GPU.
+"""The CUDA C++ nms, batched_nms and box_iou kernels against torchvision.ops, and soft_nms against
+a plain-Python float64 Soft-NMS (tests/soft_nms_reference.py). Needs a GPU.
 
 Kept indices must be identical, order included. Where scores tie, the reference runs on the
 scores' stable descending rank (distinct values, the same order as a stable sort), which is the
@@ -6,6 +7,7 @@ order cnnops promises; torchvision's own sort does not promise stability.
 """
 
 import pytest
+import soft_nms_reference
 import torch
 import torchvision
 from torch._dynamo import config as dynamo_config
@@ -312,6 +314,162 @@ def test_opcheck_box_iou():
     ],
 )
 def test_bad_inputs(call, error, message):
+    boxes, scores = random_boxes(10), random_scores(10)
+    with pytest.raises(error, match=message):
+        call(boxes, scores)
+
+
+# ---- soft_nms ---------------------------------------------------------------------------------
+# Against the plain-Python float64 Soft-NMS (tests/soft_nms_reference.py): float64 exactly,
+# float32 and below by replaying the kernel's picks in float64 (near-ties may go either way).
+
+SOFT_NMS_PARAMS = [
+    pytest.param("gaussian", 0.5, 0.3, 0.001, id="gaussian-default"),
+    pytest.param("gaussian", 0.1, 0.3, 0.05, id="gaussian-sigma0.1"),
+    pytest.param("gaussian", 2.0, 0.3, 0.0, id="gaussian-sigma2-no-threshold"),
+    pytest.param("linear", 0.5, 0.3, 0.001, id="linear-default"),
+    pytest.param("linear", 0.5, 0.6, 0.1, id="linear-iou0.6"),
+]
+# Made in the test, not at collection: CUDA tensors need the GPU that collection may lack.
+SOFT_NMS_SETS = [
+    pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}")
+    for dtype in (torch.float64, torch.float32)
+    for name, _, _ in soft_nms_reference.box_sets(300, dtype)
+    if dtype == torch.float64 or name in ("random", "equal-scores", "identical-boxes")
+]
+
+
+def soft_nms_set(name, dtype):
+    sets = soft_nms_reference.box_sets(300, dtype, "cuda")
+    return next((boxes, scores) for set_name, boxes, scores in sets if set_name == name)
+
+
+def check_soft_nms(got, *args, score_rtol=None):
+    if args[0].dtype == torch.float64:
+        soft_nms_reference.assert_matches_reference(got, *args)
+    else:
+        soft_nms_reference.assert_valid_trajectory(got, *args, rtol=1e-5, score_rtol=score_rtol)
+
+
+@pytest.mark.parametrize("method,sigma,iou_threshold,score_threshold", SOFT_NMS_PARAMS)
+@pytest.mark.parametrize("set_name,dtype", SOFT_NMS_SETS)
+def test_soft_nms_matches_reference(set_name, dtype, method, sigma, iou_threshold, score_threshold):
+    boxes, scores = soft_nms_set(set_name, dtype)
+    args = (boxes, scores, sigma, iou_threshold, score_threshold, method)
+    check_soft_nms(cnnops.soft_nms(*args, backend="cuda"), *args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+def test_soft_nms_half_boxes(dtype, method):
+    """Computed in float32 from the upcast inputs; returned scores rounded to the dtype."""
+    boxes = random_boxes(1500, dtype, origin=1200.0, spread=400.0, max_size=60.0)
+    scores = random_scores(1500, dtype)
+    got = cnnops.soft_nms(boxes, scores, method=method, backend="cuda")
+    assert got[1].dtype == dtype
+    check_soft_nms(got, boxes, scores, 0.5, 0.3, 0.001, method,
+                   score_rtol=torch.finfo(dtype).eps)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+@pytest.mark.parametrize("n", [1000, 1025, 5000])
+def test_soft_nms_float64_agrees_with_cpu_kernel(n, method):
+    """More boxes than threads (1024): several per thread. The CPU kernel runs the same
+    arithmetic (csrc/ops/nms.h): the same picks, scores to the last bits (FMA)."""
+    boxes = random_boxes(n, torch.float64, spread=500.0)
+    scores = random_scores(n, torch.float64)
+    keep, kept = cnnops.soft_nms(boxes, scores, method=method, backend="cuda")
+    cpu_keep, cpu_kept = cnnops.soft_nms(boxes.cpu(), scores.cpu(), method=method)
+    assert torch.equal(keep.cpu(), cpu_keep)
+    torch.testing.assert_close(kept.cpu(), cpu_kept, rtol=1e-13, atol=0)
+
+
+def test_soft_nms_float32_1500_boxes():
+    boxes, scores = random_boxes(1500, spread=400.0), random_scores(1500)
+    for method in ("gaussian", "linear"):
+        got = cnnops.soft_nms(boxes, scores, method=method, backend="cuda")
+        check_soft_nms(got, boxes, scores, 0.5, 0.3, 0.001, method)
+
+
+def test_soft_nms_equal_scores_lowest_index_first():
+    """Identical boxes and scores spread over all 1024 threads: picks in index order."""
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0]]).repeat(3000, 1).cuda()
+    scores = torch.full((3000,), 0.5).cuda()
+    keep, _ = cnnops.soft_nms(boxes, scores, sigma=0.5, score_threshold=0.0, backend="cuda")
+    assert keep[:50].tolist() == list(range(50))
+    keep, _ = cnnops.soft_nms(boxes, scores, method="linear", backend="cuda")
+    assert keep.tolist() == [0]
+
+
+def test_soft_nms_nan_and_inf():
+    """NaN scores: dropped. NaN coordinates: no overlap. inf * weight 0 = NaN: dropped. With
+    score_threshold -inf, -inf scores are picked, last, lowest index first."""
+    boxes, scores = random_boxes(200, torch.float64), random_scores(200, torch.float64)
+    scores[[3, 150]] = float("nan")
+    boxes[7, 0] = float("nan")
+    got = cnnops.soft_nms(boxes, scores, backend="cuda")
+    assert 3 not in got[0].tolist() and 150 not in got[0].tolist()
+    soft_nms_reference.assert_matches_reference(got, boxes, scores, 0.5, 0.3, 0.001, "gaussian")
+    same = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(3, 1).cuda()
+    keep, kept = cnnops.soft_nms(same, torch.tensor([0.5, float("inf"), 0.7]).cuda(),
+                                 method="linear", backend="cuda")  # fmt: skip
+    assert keep.tolist() == [1] and kept.tolist() == [float("inf")]
+    disjoint = torch.tensor([[0.0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5]]).cuda()
+    scores = torch.tensor([-float("inf"), 0.5, -float("inf")]).cuda()
+    keep, _ = cnnops.soft_nms(disjoint, scores, score_threshold=-float("inf"), backend="cuda")
+    assert keep.tolist() == [1, 0, 2]
+
+
+def test_soft_nms_empty_one_box_and_non_contiguous():
+    keep, kept = cnnops.soft_nms(torch.empty(0, 4).cuda(), torch.empty(0).cuda(), backend="cuda")
+    assert keep.shape == (0,) and keep.dtype == torch.int64 and keep.is_cuda and kept.shape == (0,)
+    keep, kept = cnnops.soft_nms(torch.tensor([[0.0, 0, 1, 1]]).cuda(), torch.tensor([0.7]).cuda(),
+                                 backend="cuda")  # fmt: skip
+    assert keep.tolist() == [0]
+    boxes = random_boxes(300, torch.float64).t().contiguous().t()
+    scores = random_scores(600, torch.float64)[::2]
+    got = cnnops.soft_nms(boxes, scores, backend="cuda")
+    soft_nms_reference.assert_matches_reference(got, boxes, scores, 0.5, 0.3, 0.001, "gaussian")
+
+
+def test_soft_nms_opcheck():
+    for method in ("gaussian", "linear"):
+        args = (random_boxes(60), random_scores(60), 0.5, 0.3, 0.001, method)
+        torch.library.opcheck(torch.ops.cnnops.soft_nms.default, args)
+
+
+def test_soft_nms_compile_fullgraph():
+    boxes, scores = random_boxes(800), random_scores(800)
+
+    def rescored(boxes, scores):
+        keep, kept = cnnops.soft_nms(boxes, scores, backend="cuda")
+        return boxes[keep], kept * 2
+
+    keep, kept = cnnops.soft_nms(boxes, scores, backend="cuda")
+    with dynamo_config.patch(capture_dynamic_output_shape_ops=True):
+        got_boxes, got_scores = torch.compile(rescored, fullgraph=True)(boxes, scores)
+    torch.testing.assert_close(got_boxes, boxes[keep])
+    torch.testing.assert_close(got_scores, kept * 2)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        pytest.param(lambda b, s: cnnops.soft_nms(b, s.cpu(), backend="cuda"), ValueError,
+                     "scores are on", id="scores-device"),
+        pytest.param(lambda b, s: cnnops.soft_nms(b, s, sigma=-0.5, backend="cuda"), ValueError,
+                     "sigma must be > 0", id="sigma-negative"),
+        pytest.param(lambda b, s: cnnops.soft_nms(b, s, method="Gaussian", backend="cuda"),
+                     ValueError, "method must be", id="method-case"),
+        pytest.param(lambda b, s: torch.ops.cnnops.soft_nms(b, s.cpu(), 0.5, 0.3, 0.001,
+                                                            "gaussian"),
+                     RuntimeError, "scores are on", id="op-scores-device"),
+        pytest.param(lambda b, s: torch.ops.cnnops.soft_nms(b, s, 0.5, float("nan"), 0.001,
+                                                            "linear"),
+                     RuntimeError, "iou_threshold must not be NaN", id="op-nan-threshold"),
+    ],
+)  # fmt: skip
+def test_soft_nms_bad_inputs(call, error, message):
     boxes, scores = random_boxes(10), random_scores(10)
     with pytest.raises(error, match=message):
         call(boxes, scores)

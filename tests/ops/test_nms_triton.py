@@ -1,4 +1,5 @@
-"""The triton backend's nms, batched_nms and box_iou against torchvision.ops on the same device.
+"""The triton backend's nms, batched_nms and box_iou against torchvision.ops on the same device;
+its soft_nms against a plain-Python float64 Soft-NMS (tests/soft_nms_reference.py).
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1), on tens to hundreds of boxes; with one, natively on CUDA tensors, and the
@@ -8,6 +9,7 @@ cuda-marked tests add 10k boxes and agreement with the cuda backend.
 import math
 
 import pytest
+import soft_nms_reference
 import torch
 import torchvision
 
@@ -498,3 +500,191 @@ def test_triton_and_cuda_backends_agree(classes):
         cnnops.box_iou(boxes[:500], boxes[500:1500], backend="cuda"),
         equal_nan=True,
     )
+
+
+# ---- soft_nms ---------------------------------------------------------------------------------
+# Against the plain-Python float64 Soft-NMS (tests/soft_nms_reference.py): float64 exactly,
+# float32 and below by replaying the kernel's picks in float64 (near-ties may go either way).
+
+SOFT_NMS_PARAMS = [
+    pytest.param("gaussian", 0.5, 0.3, 0.001, id="gaussian-default"),
+    pytest.param("gaussian", 0.1, 0.3, 0.05, id="gaussian-sigma0.1"),
+    pytest.param("linear", 0.5, 0.3, 0.001, id="linear-default"),
+]
+SOFT_NMS_SETS = [
+    pytest.param(boxes, scores, id=f"{name}-{str(dtype)[6:]}")
+    for dtype in (torch.float64, torch.float32)
+    for name, boxes, scores in soft_nms_reference.box_sets(48, dtype, DEVICE)
+    if dtype == torch.float64 or name in ("random", "equal-scores", "identical-boxes")
+]
+
+
+def _check_soft_nms(got, *args, rtol=1e-5, score_rtol=None):
+    if args[0].dtype == torch.float64:
+        soft_nms_reference.assert_matches_reference(got, *args)
+    else:
+        soft_nms_reference.assert_valid_trajectory(got, *args, rtol=rtol, score_rtol=score_rtol)
+
+
+@pytest.mark.parametrize("method,sigma,iou_threshold,score_threshold", SOFT_NMS_PARAMS)
+@pytest.mark.parametrize("boxes,scores", SOFT_NMS_SETS)
+def test_soft_nms_matches_reference(boxes, scores, method, sigma, iou_threshold, score_threshold):
+    args = (boxes, scores, sigma, iou_threshold, score_threshold, method)
+    _check_soft_nms(cnnops.soft_nms(*args, backend="triton"), *args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_soft_nms_half_precision_upcasts(dtype):
+    """Computed in float32 from the upcast boxes and scores; the returned scores are rounded to
+    the dtype."""
+    boxes, scores = random_boxes(40, 50, dtype=dtype), random_scores(40, 50, dtype)
+    for method in ("gaussian", "linear"):
+        got = cnnops.soft_nms(boxes, scores, method=method, backend="triton")
+        assert got[1].dtype == dtype
+        _check_soft_nms(got, boxes, scores, 0.5, 0.3, 0.001, method,
+                        score_rtol=torch.finfo(dtype).eps)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+def test_soft_nms_agrees_with_cpu_backend(method):
+    """float64: the same picks as the C++ CPU kernel, and the same scores to the last bits."""
+    boxes = random_boxes(60, 51, dtype=torch.float64)
+    scores = random_scores(60, 51, torch.float64)
+    keep, kept = cnnops.soft_nms(boxes, scores, 0.3, method=method, backend="triton")
+    cpu_keep, cpu_kept = cnnops.soft_nms(boxes.cpu(), scores.cpu(), 0.3, method=method)
+    assert torch.equal(keep.cpu(), cpu_keep)
+    torch.testing.assert_close(kept.cpu(), cpu_kept, rtol=1e-14, atol=0)
+
+
+def test_soft_nms_nan_scores_and_coordinates():
+    """NaN scores: dropped, never returned. NaN IoUs (NaN coordinates, two empty boxes): no
+    overlap. A score of inf that meets weight 0 (inf * 0) is dropped as NaN."""
+    boxes = random_boxes(40, 52, dtype=torch.float64)
+    scores = random_scores(40, 52, torch.float64)
+    scores[[2, 9]] = math.nan
+    boxes[5, 0] = math.nan
+    boxes[6] = boxes[7] = torch.tensor([3.0, 3.0, 3.0, 8.0])  # empty, equal: IoU 0 / 0
+    got = cnnops.soft_nms(boxes, scores, backend="triton")
+    assert 2 not in got[0].tolist() and 9 not in got[0].tolist()
+    soft_nms_reference.assert_matches_reference(got, boxes, scores, 0.5, 0.3, 0.001, "gaussian")
+    same = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=DEVICE).repeat(3, 1)
+    keep, kept = cnnops.soft_nms(same, torch.tensor([0.5, math.inf, 0.7], device=DEVICE),
+                                 method="linear", backend="triton")  # fmt: skip
+    assert keep.tolist() == [1] and kept.tolist() == [math.inf]
+
+
+def test_soft_nms_score_threshold_comparison():
+    """`score < score_threshold` drops (equal stays), compared exactly as in float64."""
+    boxes = torch.tensor([[0.0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5]], device=DEVICE)
+    scores = torch.tensor([0.5, 0.25, 0.3], device=DEVICE)
+    for threshold, kept in ((0.25, [0, 2, 1]), (0.3, [0, 2]), (0.300000012, [0]), (0.6, [])):
+        got = cnnops.soft_nms(boxes, scores, score_threshold=threshold, backend="triton")
+        assert got[0].tolist() == kept, threshold
+
+
+def test_soft_nms_empty_and_one_box():
+    keep, kept = cnnops.soft_nms(torch.zeros(0, 4, device=DEVICE), torch.zeros(0, device=DEVICE),
+                                 backend="triton")  # fmt: skip
+    assert keep.shape == (0,) and keep.dtype == torch.int64 and kept.shape == (0,)
+    keep, kept = cnnops.soft_nms(torch.tensor([[0.0, 0, 1, 1]], device=DEVICE),
+                                 torch.tensor([0.7], device=DEVICE), backend="triton")  # fmt: skip
+    assert keep.tolist() == [0] and kept.tolist() == [pytest.approx(0.7)]
+
+
+def test_soft_nms_use_backend_routes_to_triton():
+    boxes, scores = _random(20, 53)
+    with cnnops.use_backend("triton"):
+        got = cnnops.soft_nms(boxes, scores)
+    _check_soft_nms(got, boxes, scores, 0.5, 0.3, 0.001, "gaussian")
+
+
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+def test_opcheck_soft_nms(method):
+    boxes, scores = _random(24, 54)
+    args = (boxes, scores, 0.5, 0.3, 0.001, method)
+    torch.library.opcheck(torch.ops.cnnops.soft_nms_triton.default, args, test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        pytest.param(
+            lambda: cnnops.soft_nms(torch.rand(4, 3, device=DEVICE), torch.rand(4, device=DEVICE),
+                                    backend="triton"),
+            ValueError, r"boxes must be a \[N, 4\] tensor", id="boxes-not-Nx4",
+        ),
+        pytest.param(
+            lambda: cnnops.soft_nms(_boxes(), torch.rand(4, device=DEVICE, dtype=torch.float64),
+                                    backend="triton"),
+            TypeError, "scores dtype", id="dtype-mismatch",
+        ),
+        pytest.param(
+            lambda: cnnops.soft_nms(_boxes(), torch.rand(4, device=DEVICE), sigma=0.0,
+                                    backend="triton"),
+            ValueError, "sigma must be > 0", id="sigma-zero",
+        ),
+        pytest.param(
+            lambda: cnnops.soft_nms(_boxes(), torch.rand(4, device=DEVICE), method="soft",
+                                    backend="triton"),
+            ValueError, "method must be", id="method-unknown",
+        ),
+        pytest.param(
+            lambda: cnnops.soft_nms(_boxes(), torch.rand(4, device=DEVICE),
+                                    score_threshold=math.nan, backend="triton"),
+            ValueError, "score_threshold must not be NaN", id="nan-score-threshold",
+        ),
+        pytest.param(
+            lambda: torch.ops.cnnops.soft_nms_triton(_boxes(), torch.rand(4, device=DEVICE),
+                                                     -1.0, 0.3, 0.001, "gaussian"),
+            ValueError, "sigma must be > 0", id="op-called-directly",
+        ),
+    ],
+)  # fmt: skip
+def test_soft_nms_bad_input_raises_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+# GPU only: thousands of boxes (several BLOCKs a sweep), torch.compile, and the cuda backend.
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+def test_soft_nms_3000_boxes_on_gpu(method):
+    boxes = random_boxes(3000, 55, scale=1000.0, dtype=torch.float64, device="cuda")
+    scores = random_scores(3000, 55, torch.float64, device="cuda")
+    keep, kept = cnnops.soft_nms(boxes, scores, method=method, backend="triton")
+    cpu_keep, cpu_kept = cnnops.soft_nms(boxes.cpu(), scores.cpu(), method=method)
+    assert torch.equal(keep.cpu(), cpu_keep)
+    torch.testing.assert_close(kept.cpu(), cpu_kept, rtol=1e-13, atol=0)
+    boxes32, scores32 = boxes[:1500].float(), scores[:1500].float()
+    got = cnnops.soft_nms(boxes32, scores32, method=method, backend="triton")
+    soft_nms_reference.assert_valid_trajectory(got, boxes32, scores32, 0.5, 0.3, 0.001, method)
+
+
+@pytest.mark.cuda
+def test_soft_nms_torch_compile_fullgraph_on_gpu():
+    boxes = random_boxes(2000, 56, scale=1000.0, dtype=torch.float64, device="cuda")
+    scores = random_scores(2000, 56, torch.float64, device="cuda")
+
+    @torch.compile(fullgraph=True)
+    def rescored(boxes, scores):
+        keep, kept = cnnops.soft_nms(boxes, scores, backend="triton")
+        return boxes[keep], kept * 2
+
+    keep, kept = cnnops.soft_nms(boxes, scores, backend="triton")
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        got_boxes, got_scores = rescored(boxes, scores)
+    torch.testing.assert_close(got_boxes, boxes[keep])
+    torch.testing.assert_close(got_scores, kept * 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+def test_soft_nms_triton_and_cuda_backends_agree(method):
+    boxes = random_boxes(5000, 57, scale=1000.0, dtype=torch.float64, device="cuda")
+    scores = random_scores(5000, 57, torch.float64, device="cuda")
+    triton_keep, triton_kept = cnnops.soft_nms(boxes, scores, method=method, backend="triton")
+    cuda_keep, cuda_kept = cnnops.soft_nms(boxes, scores, method=method, backend="cuda")
+    assert torch.equal(triton_keep, cuda_keep)
+    torch.testing.assert_close(triton_kept, cuda_kept, rtol=1e-13, atol=0)

@@ -1,4 +1,4 @@
-// CUDA kernels for cnnops::nms (nms and batched_nms) and cnnops::box_iou.
+// CUDA kernels for cnnops::nms (nms and batched_nms), cnnops::soft_nms and cnnops::box_iou.
 //
 // nms runs in four steps, all on the device:
 //   1. sort the scores (stable, descending: equal scores keep the lower index first) and gather
@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 
 namespace cnnops {
 namespace {
@@ -296,6 +297,183 @@ at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores,
   return order.masked_select(keep);
 }
 
+// ---- soft_nms ----------------------------------------------------------------------------------
+//
+// One block of up to 1024 threads runs the whole loop, as the picks are sequential: thread t owns
+// the boxes t, t + blockDim, ... (coalesced loads). Before the loop each thread converts its
+// boxes to acc_t into a scratch of six columns (x1, y1, x2, y2, area, score; global memory, so
+// any N fits; at 24 bytes a box in float, about ten thousand boxes fit the SM's L1, 256 KB on
+// H100, and every pick rereads them from there or from L2), drops the boxes under
+// score_threshold (score NaN: dead) and finds its best. Then per pick: one block-wide argmax
+// (warp shuffles, then one warp over the warps' results, in shared memory double-buffered by
+// pick parity, so two barriers a pick), thread 0 writes the pick, and every thread decays its
+// live boxes by soft_nms_weight (nms.h, the CPU kernel's arithmetic) and finds its next best
+// (strictly greater only, so its lower index wins a tie; the reduction prefers the lower index
+// among equal scores). The kept count goes to device memory; the host reads it once, at the
+// end, to size the outputs.
+constexpr int kSoftNmsThreads = 1024;
+constexpr int kWarpSize = 32;
+
+template <typename acc_t>
+struct SoftNmsCandidate {
+  acc_t score;
+  int32_t index;  // -1: none
+};
+
+template <typename acc_t>
+__device__ __forceinline__ SoftNmsCandidate<acc_t> better_candidate(SoftNmsCandidate<acc_t> a,
+                                                                    SoftNmsCandidate<acc_t> b) {
+  const bool take_b = b.index >= 0 && (a.index < 0 || b.score > a.score ||
+                                       (b.score == a.score && b.index < a.index));
+  return take_b ? b : a;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ SoftNmsCandidate<acc_t> warp_best(SoftNmsCandidate<acc_t> c) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    SoftNmsCandidate<acc_t> other;
+    other.score = __shfl_down_sync(0xffffffffu, c.score, offset);
+    other.index = __shfl_down_sync(0xffffffffu, c.index, offset);
+    c = better_candidate(c, other);
+  }
+  return c;
+}
+
+// The best candidate of the block; every thread gets it. partial: [2][32], result: [2], used
+// alternately by `parity`, so that a pick's writes never race with the previous pick's reads.
+template <typename acc_t>
+__device__ __forceinline__ SoftNmsCandidate<acc_t> block_best(
+    SoftNmsCandidate<acc_t> c, SoftNmsCandidate<acc_t> (*partial)[kWarpSize],
+    SoftNmsCandidate<acc_t>* result, int parity) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  c = warp_best(c);
+  if (lane == 0) partial[parity][warp] = c;
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x / kWarpSize;
+    c = lane < warps ? partial[parity][lane] : SoftNmsCandidate<acc_t>{acc_t(0), -1};
+    c = warp_best(c);
+    if (lane == 0) result[parity] = c;
+  }
+  __syncthreads();
+  return result[parity];
+}
+
+// boxes [n, 4] and scores [n]: contiguous. work: [6, n] scratch. keep [n], kept_scores [n]:
+// the first *count entries are written.
+template <bool kGaussian, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kSoftNmsThreads)
+    soft_nms_kernel(const scalar_t* __restrict__ boxes, const scalar_t* __restrict__ scores,
+                    int32_t n, acc_t sigma, acc_t iou_threshold, acc_t score_threshold,
+                    acc_t* __restrict__ work, int64_t* __restrict__ keep,
+                    scalar_t* __restrict__ kept_scores, int64_t* __restrict__ count) {
+  __shared__ SoftNmsCandidate<acc_t> partial[2][kWarpSize];
+  __shared__ SoftNmsCandidate<acc_t> result[2];
+  acc_t* x1 = work;
+  acc_t* y1 = work + n;
+  acc_t* x2 = work + 2 * int64_t(n);
+  acc_t* y2 = work + 3 * int64_t(n);
+  acc_t* area = work + 4 * int64_t(n);
+  acc_t* score = work + 5 * int64_t(n);
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+
+  SoftNmsCandidate<acc_t> mine{acc_t(0), -1};
+  // 64-bit counters: n may come within a block of 2^31.
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const AreaBox<acc_t> b = load_area_box<acc_t>(boxes + i * 4);
+    x1[i] = b.x1;
+    y1[i] = b.y1;
+    x2[i] = b.x2;
+    y2[i] = b.y2;
+    area[i] = b.area;
+    const acc_t s = static_cast<acc_t>(scores[i]);
+    const bool alive = s >= score_threshold;  // NaN: dead
+    score[i] = alive ? s : nan;
+    if (alive && (mine.index < 0 || s > mine.score)) {
+      mine = SoftNmsCandidate<acc_t>{s, static_cast<int32_t>(i)};
+    }
+  }
+  int parity = 0;
+  SoftNmsCandidate<acc_t> picked = block_best(mine, partial, result, parity);
+  int64_t picks = 0;  // thread 0's count
+  while (picked.index >= 0) {
+    if (threadIdx.x == 0) {
+      keep[picks] = picked.index;
+      kept_scores[picks] = static_cast<scalar_t>(picked.score);
+      ++picks;
+    }
+    const int32_t p = picked.index;  // the scratch was written before block_best's barriers
+    const acc_t px1 = x1[p], py1 = y1[p], px2 = x2[p], py2 = y2[p], parea = area[p];
+    mine = SoftNmsCandidate<acc_t>{acc_t(0), -1};
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const acc_t s = score[i];
+      if (!(s == s)) continue;  // dead
+      if (i == p) {
+        score[i] = nan;
+        continue;
+      }
+      const acc_t iou = box_iou_pair(px1, py1, px2, py2, parea, x1[i], y1[i], x2[i], y2[i],
+                                     area[i]);
+      const acc_t decayed = s * soft_nms_weight<kGaussian>(iou, sigma, iou_threshold);
+      const bool alive = decayed >= score_threshold;
+      score[i] = alive ? decayed : nan;
+      if (alive && (mine.index < 0 || decayed > mine.score)) {
+        mine = SoftNmsCandidate<acc_t>{decayed, static_cast<int32_t>(i)};
+      }
+    }
+    parity ^= 1;
+    picked = block_best(mine, partial, result, parity);
+  }
+  if (threadIdx.x == 0) *count = picks;
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_nms_cuda(const at::Tensor& boxes,
+                                                 const at::Tensor& scores, double sigma,
+                                                 double iou_threshold, double score_threshold,
+                                                 c10::string_view method) {
+  const bool gaussian =
+      check_soft_nms_args(boxes, scores, sigma, iou_threshold, score_threshold, method);
+  check_cuda_boxes(boxes, "soft_nms", "boxes");
+  c10::cuda::CUDAGuard guard(boxes.device());
+  const int64_t n = boxes.size(0);
+  at::Tensor keep = at::empty({n}, boxes.options().dtype(at::kLong));
+  at::Tensor kept_scores = at::empty({n}, scores.options());
+  if (n == 0) return {keep, kept_scores};
+
+  const at::Tensor b = boxes.contiguous();
+  const at::Tensor s = scores.contiguous();
+  at::Tensor count = at::empty({1}, boxes.options().dtype(at::kLong));
+  const bool in_double = boxes.scalar_type() == at::kDouble;
+  at::Tensor work = at::empty({6 * n}, boxes.options().dtype(in_double ? at::kDouble : at::kFloat));
+  // Whole warps, no more than there are boxes (every barrier waits for all of them).
+  const int threads = static_cast<int>(
+      std::clamp<int64_t>(ceil_div(n, kWarpSize) * kWarpSize, kWarpSize, kSoftNmsThreads));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, boxes.scalar_type(), "cnnops_soft_nms_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        // The float64 reference's comparisons, made in float (see float_threshold_below).
+        const acc_t iou_t = in_double ? static_cast<acc_t>(iou_threshold)
+                                      : static_cast<acc_t>(float_threshold_below(iou_threshold));
+        const acc_t score_t =
+            in_double ? static_cast<acc_t>(score_threshold)
+                      : static_cast<acc_t>(float_threshold_at_or_above(score_threshold));
+        const auto kernel = gaussian ? soft_nms_kernel<true, scalar_t, acc_t>
+                                     : soft_nms_kernel<false, scalar_t, acc_t>;
+        kernel<<<1, threads, 0, stream>>>(
+            b.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), static_cast<int32_t>(n),
+            soft_nms_sigma<acc_t>(sigma), iou_t, score_t, work.mutable_data_ptr<acc_t>(),
+            keep.mutable_data_ptr<int64_t>(), kept_scores.mutable_data_ptr<scalar_t>(),
+            count.mutable_data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  // The one host synchronisation: the outputs' size is the number of picks (an eager op
+  // returning exact-size tensors cannot avoid it; nms's masked_select makes the same one).
+  const int64_t picked = count.item<int64_t>();
+  return {keep.narrow(0, 0, picked), kept_scores.narrow(0, 0, picked)};
+}
+
 at::Tensor box_iou_cuda(const at::Tensor& boxes1, const at::Tensor& boxes2) {
   check_box_iou_args(boxes1, boxes2);
   check_cuda_boxes(boxes1, "box_iou", "boxes1");
@@ -329,5 +507,6 @@ at::Tensor box_iou_cuda(const at::Tensor& boxes1, const at::Tensor& boxes2) {
 
 TORCH_LIBRARY_IMPL(cnnops, CUDA, m) {
   m.impl("nms", TORCH_FN(cnnops::nms_cuda));
+  m.impl("soft_nms", TORCH_FN(cnnops::soft_nms_cuda));
   m.impl("box_iou", TORCH_FN(cnnops::box_iou_cuda));
 }

@@ -24,10 +24,14 @@ struct RoiGeometry {
   T count;             // sample points per bin (the average's divisor), at least 1
 };
 
-// Ceiling of a non-negative value, as an integer (std::ceil is not constexpr-friendly on the GPU
-// path and this keeps the same rounding).
+// Ceiling of a value, as an integer (std::ceil is not constexpr-friendly on the GPU path and
+// this keeps the same rounding). Values past +-2^40, infinities and NaN (as +2^40) are clamped
+// first, which the callers' grid-size checks then reject, instead of an undefined conversion.
 template <typename T>
 CNNOPS_HOST_DEVICE int64_t ceil_to_int(T v) {
+  const T limit = T(1099511627776.0);  // 2^40
+  if (!(v < limit)) v = limit;
+  if (v < -limit) v = -limit;
   const int64_t i = static_cast<int64_t>(v);
   return static_cast<T>(i) < v ? i + 1 : i;
 }

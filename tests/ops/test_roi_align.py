@@ -151,3 +151,33 @@ def test_bad_input_raises_clear_error(call, error, message):
     x, rois = problem()
     with pytest.raises(error, match=message):
         call(x, rois)
+
+
+@pytest.mark.parametrize(
+    "sampling_ratio,rois",
+    [
+        pytest.param(2**40, [[0, 1.0, 1.0, 5.0, 5.0]], id="sampling-ratio-2^40"),
+        pytest.param(-1, [[0, -1e30, -1e30, 1e30, 1e30]], id="adaptive-grid-of-a-huge-roi"),
+    ],
+)
+def test_absurd_sampling_grids_raise_instead_of_crashing(sampling_ratio, rois):
+    # torchvision overflows or loops for hours on these.
+    x, _ = problem()
+    with pytest.raises(RuntimeError, match="sampling grid"):
+        cnnops.roi_align(x, torch.tensor(rois, dtype=x.dtype), 7, 0.5, sampling_ratio)
+
+
+def test_many_rois_are_pooled_in_groups_with_the_same_result():
+    # 300 RoIs of 4 x 4 bins with 30 x 30 samples each: 1.08M taps, past one group's table, so
+    # the kernels run two groups; the results must not notice.
+    x, _ = problem(torch.float32)
+    rois = random_rois(300, 2, 26, seed=5, dtype=torch.float32)
+    x.requires_grad_()
+    got = cnnops.roi_align(x, rois, 4, 0.5, 30)
+    want = torchvision.ops.roi_align(x, rois, 4, 0.5, 30)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(
+        torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0],
+        atol=1e-4, rtol=1e-4,
+    )  # fmt: skip

@@ -31,7 +31,7 @@ struct SampleTap {
   T weight[4];
 };
 
-// The taps of every RoI: RoI k's bin b spans taps[bin_begin[k * bins + b] ...
+// The taps of a group of RoIs: the group's RoI k's bin b spans taps[bin_begin[k * bins + b] ...
 // bin_begin[k * bins + b + 1]); its samples are averaged by `count[k]`.
 template <typename T>
 struct RoiTaps {
@@ -41,34 +41,61 @@ struct RoiTaps {
   std::vector<SampleTap<T>> taps;
 };
 
+// Sampling points per bin, and taps in one group's table (48 MB in float32). torchvision loops
+// for hours (or overflows) on grids past the first; a single RoI past the second (over 1.3
+// million points per bin at 7 x 7) raises rather than allocate gigabytes.
+constexpr int64_t kMaxSamplesPerBin = int64_t(1) << 30;
+constexpr int64_t kMaxGroupTaps = int64_t(1) << 20;
+constexpr int64_t kMaxRoiTaps = int64_t(1) << 26;
+
+// Every RoI's sampling grid, checked.
 template <typename T>
-RoiTaps<T> compute_taps(const at::Tensor& rois, int64_t height, int64_t width, T spatial_scale,
-                        int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
-                        bool aligned) {
-  const int64_t num_rois = rois.size(0);
+std::vector<RoiGeometry<T>> roi_geometries(const at::Tensor& rois, T spatial_scale,
+                                           int64_t pooled_h, int64_t pooled_w,
+                                           int64_t sampling_ratio, bool aligned) {
   const T* r = rois.const_data_ptr<T>();
+  std::vector<RoiGeometry<T>> geometry(rois.size(0));
+  for (int64_t k = 0; k < rois.size(0); ++k) {
+    const RoiGeometry<T>& g = geometry[k] = roi_align_geometry(
+        r + 5 * k, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned);
+    TORCH_CHECK(g.grid_h <= kMaxSamplesPerBin && g.grid_w <= kMaxSamplesPerBin &&
+                    g.grid_h * g.grid_w <= kMaxSamplesPerBin &&
+                    g.grid_h * g.grid_w * pooled_h * pooled_w <= kMaxRoiTaps,
+                "roi_align: rois[", k, "] needs a ", g.grid_h, " x ", g.grid_w,
+                " sampling grid in each of its ", pooled_h, " x ", pooled_w,
+                " bins, more than the cpu backend takes (", kMaxRoiTaps,
+                " points per RoI); pass a smaller sampling_ratio");
+  }
+  return geometry;
+}
+
+// RoIs [k0, k1)'s taps.
+template <typename T>
+RoiTaps<T> compute_taps(const at::Tensor& rois, const std::vector<RoiGeometry<T>>& geometry,
+                        int64_t k0, int64_t k1, int64_t height, int64_t width, int64_t pooled_h,
+                        int64_t pooled_w) {
+  const int64_t num_rois = k1 - k0;
+  const T* r = rois.const_data_ptr<T>() + 5 * k0;
   RoiTaps<T> t;
   t.bins = pooled_h * pooled_w;
   t.image.resize(num_rois);
   t.count.resize(num_rois);
   t.bin_begin.resize(num_rois * t.bins + 1);
-  std::vector<RoiGeometry<T>> geometry(num_rois);
   int64_t total = 0;
   for (int64_t k = 0; k < num_rois; ++k) {
-    geometry[k] = roi_align_geometry(r + 5 * k, spatial_scale, pooled_h, pooled_w,
-                                     sampling_ratio, aligned);
+    const RoiGeometry<T>& g = geometry[k0 + k];
     t.image[k] = static_cast<int64_t>(r[5 * k]);
-    t.count[k] = geometry[k].count;
+    t.count[k] = g.count;
     for (int64_t b = 0; b < t.bins; ++b) {
       t.bin_begin[k * t.bins + b] = total;
-      total += geometry[k].grid_h * geometry[k].grid_w;
+      total += g.grid_h * g.grid_w;
     }
   }
   t.bin_begin[num_rois * t.bins] = total;
   t.taps.resize(total);
   at::parallel_for(0, num_rois, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
-      const RoiGeometry<T>& g = geometry[k];
+      const RoiGeometry<T>& g = geometry[k0 + k];
       SampleTap<T>* tap = t.taps.data() + t.bin_begin[k * t.bins];
       for (int64_t ph = 0; ph < pooled_h; ++ph) {
         for (int64_t pw = 0; pw < pooled_w; ++pw) {
@@ -89,6 +116,25 @@ RoiTaps<T> compute_taps(const at::Tensor& rois, int64_t height, int64_t width, T
     }
   });
   return t;
+}
+
+// Consecutive RoIs grouped so that a group's tap table stays under kMaxGroupTaps (or holds one
+// RoI): group g is RoIs [bounds[g], bounds[g + 1]). The kernels compute one group's taps at a
+// time, so memory stays bounded however many RoIs there are.
+template <typename T>
+std::vector<int64_t> roi_groups(const std::vector<RoiGeometry<T>>& geometry, int64_t bins) {
+  std::vector<int64_t> bounds{0};
+  int64_t taps = 0;
+  for (int64_t k = 0; k < static_cast<int64_t>(geometry.size()); ++k) {
+    const int64_t roi_taps = geometry[k].grid_h * geometry[k].grid_w * bins;
+    if (taps > 0 && taps + roi_taps > kMaxGroupTaps) {
+      bounds.push_back(k);
+      taps = 0;
+    }
+    taps += roi_taps;
+  }
+  bounds.push_back(static_cast<int64_t>(geometry.size()));
+  return bounds;
 }
 
 // RoI k's bins into `block` ([bins, C]), from the channels_last input.
@@ -186,30 +232,35 @@ at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double
   const at::Tensor in = input.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor r = rois.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "roi_align_cpu", [&] {
-    const RoiTaps<scalar_t> t = compute_taps<scalar_t>(
-        r, height, width, static_cast<scalar_t>(spatial_scale), pooled_h, pooled_w,
-        sampling_ratio, aligned);
+    const auto geometry = roi_geometries<scalar_t>(
+        r, static_cast<scalar_t>(spatial_scale), pooled_h, pooled_w, sampling_ratio, aligned);
     auto pool = &pool_roi_baseline<scalar_t>;
 #ifdef CNNOPS_HAS_ISA_VARIANTS
     if (cpu_has_avx512()) pool = &pool_roi_avx512<scalar_t>;
 #endif
     const scalar_t* src = in.const_data_ptr<scalar_t>();
     scalar_t* dst = output.mutable_data_ptr<scalar_t>();
-    const int64_t block_size = t.bins * channels;
-    at::parallel_for(0, num_rois, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<scalar_t> block(format == at::MemoryFormat::Contiguous ? block_size : 0);
-      for (int64_t k = lo; k < hi; ++k) {
-        scalar_t* out = dst + k * block_size;
-        if (format == at::MemoryFormat::ChannelsLast) {
-          pool(t, k, src, height * width, channels, out);  // [bins, C] is this layout
-          continue;
+    const int64_t bins = pooled_h * pooled_w, block_size = bins * channels;
+    const std::vector<int64_t> groups = roi_groups(geometry, bins);
+    for (size_t group = 0; group + 1 < groups.size(); ++group) {
+      const int64_t k0 = groups[group], k1 = groups[group + 1];
+      const RoiTaps<scalar_t> t =
+          compute_taps(r, geometry, k0, k1, height, width, pooled_h, pooled_w);
+      at::parallel_for(0, k1 - k0, 1, [&](int64_t lo, int64_t hi) {
+        std::vector<scalar_t> block(format == at::MemoryFormat::Contiguous ? block_size : 0);
+        for (int64_t k = lo; k < hi; ++k) {
+          scalar_t* out = dst + (k0 + k) * block_size;
+          if (format == at::MemoryFormat::ChannelsLast) {
+            pool(t, k, src, height * width, channels, out);  // [bins, C] is this layout
+            continue;
+          }
+          pool(t, k, src, height * width, channels, block.data());
+          for (int64_t c = 0; c < channels; ++c) {
+            for (int64_t b = 0; b < bins; ++b) out[c * bins + b] = block[b * channels + c];
+          }
         }
-        pool(t, k, src, height * width, channels, block.data());
-        for (int64_t c = 0; c < channels; ++c) {
-          for (int64_t b = 0; b < t.bins; ++b) out[c * t.bins + b] = block[b * channels + c];
-        }
-      }
-    });
+      });
+    }
   });
   return output;
 }
@@ -241,22 +292,29 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
   const at::Tensor g = grad.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor r = rois.contiguous();
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "roi_align_backward_cpu", [&] {
-    const RoiTaps<scalar_t> t = compute_taps<scalar_t>(
-        r, height, width, static_cast<scalar_t>(spatial_scale), pooled_h, pooled_w,
-        sampling_ratio, aligned);
+    const auto geometry = roi_geometries<scalar_t>(
+        r, static_cast<scalar_t>(spatial_scale), pooled_h, pooled_w, sampling_ratio, aligned);
     auto unpool = &unpool_channels_baseline<scalar_t>;
 #ifdef CNNOPS_HAS_ISA_VARIANTS
     if (cpu_has_avx512()) unpool = &unpool_channels_avx512<scalar_t>;
 #endif
-    const scalar_t* src = g.const_data_ptr<scalar_t>();
+    const int64_t block_size = pooled_h * pooled_w * channels;
     scalar_t* dst = grad_input.mutable_data_ptr<scalar_t>();
     // Channel blocks of whole cache lines, so that no two cores write one line.
     constexpr int64_t kChannelBlock = 64 / sizeof(scalar_t);
     const int64_t blocks = (channels + kChannelBlock - 1) / kChannelBlock;
-    at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
-      unpool(t, src, height * width, channels, lo * kChannelBlock,
-             std::min(channels, hi * kChannelBlock), dst);
-    });
+    // Groups in RoI order, each group's RoIs in order: a fixed order of summation.
+    const std::vector<int64_t> groups = roi_groups(geometry, pooled_h * pooled_w);
+    for (size_t group = 0; group + 1 < groups.size(); ++group) {
+      const int64_t k0 = groups[group], k1 = groups[group + 1];
+      const RoiTaps<scalar_t> t =
+          compute_taps(r, geometry, k0, k1, height, width, pooled_h, pooled_w);
+      const scalar_t* src = g.const_data_ptr<scalar_t>() + k0 * block_size;
+      at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+        unpool(t, src, height * width, channels, lo * kChannelBlock,
+               std::min(channels, hi * kChannelBlock), dst);
+      });
+    }
   });
   return channels_last ? grad_input : grad_input.contiguous();
 }

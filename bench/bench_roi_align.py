@@ -40,8 +40,7 @@ def with_backward(pool):
     return run
 
 
-def roi_case(op, set_name, spec, device, backends, channels_last, backward, reference, ours,
-             shape):
+def roi_case(op, set_name, spec, device, backends, channels_last, backward, reference, ours, shape):
     """A case of a RoI pooling op (roi_align or roi_pool) on the RoIs and map of `spec`:
     `reference(x, rois)` is torchvision's, `ours(backend)` cnnops' on that backend."""
     name, n, c, h, w, k, size, scale = spec[:8]

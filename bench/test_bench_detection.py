@@ -1,5 +1,6 @@
 """The detection ops' cases of `python -m bench` (box ops, roi_align, roi_pool) as
-pytest-benchmark tests: `pytest bench/ --benchmark-only`. Same case definitions as the bench modules' build_cases."""
+pytest-benchmark tests: `pytest bench/ --benchmark-only`. Same case definitions as the bench
+modules' build_cases."""
 
 import pytest
 

@@ -64,11 +64,13 @@ def cases():
     yield from depthwise_cases(conv2d_kernels, TRITON_CONFIGS)
     yield from gemm_cases(conv2d_kernels, TRITON_CONFIGS)
     yield from box_cases()
+    yield from roi_cases()
 
 
 def box_cases():
     """The nms kernels (the IoU mask in float32 and float64, with and without class ids; the
-    greedy pass) and box_iou in every dtype, each with its GPU config."""
+    greedy pass), soft_nms (float32 and float64, both methods) and box_iou in every dtype, each
+    with its GPU config."""
     from cnnops.kernels import nms as nms_kernels
 
     from cnnops.ops.nms import TRITON_CONFIGS
@@ -103,6 +105,17 @@ def box_cases():
         greedy_options,
         {"valid_ptr": "i8", "keep_ptr": "i8"},
     )
+    soft_blocks, soft_options = split(TRITON_CONFIGS["soft_nms"]["gpu"])
+    for dtype in ("fp32", "fp64"):
+        for method in ("gaussian", "linear"):
+            yield Case(
+                f"soft_nms-{dtype}-{method}",
+                nms_kernels.soft_nms_kernel,
+                dtype,
+                dict(GAUSSIAN=method == "gaussian", FP64=dtype == "fp64", **soft_blocks),
+                soft_options,
+                {"keep_ptr": "i64", "count_ptr": "i32"},
+            )
     iou_blocks, iou_options = split(TRITON_CONFIGS["box_iou"]["gpu"])
     for dtype in ("fp32", "fp64", "fp16", "bf16"):
         yield Case(
@@ -112,6 +125,113 @@ def box_cases():
             dict(FP64=dtype == "fp64", **iou_blocks),
             iou_options,
         )
+
+
+# The strides a launch passes as 1 (Triton specialises them), per layout of the tensors: the
+# channels' in channels_last, the columns' in NCHW; the RoIs are [K, 5] and contiguous.
+ROI_ONES = {
+    "channels_last": ("s_in_c", "s_out_c", "s_g_c", "s_gi_c", "s_a_c", "s_roi_c"),
+    "nchw": ("s_in_w", "s_out_w", "s_g_w", "s_gi_w", "s_a_w", "s_roi_c"),
+}
+# Integer arguments that are multiples of 16 on the Faster R-CNN head (2 x 256 x 50 x 68, 512
+# RoIs, 7 x 7): the channels and, in channels_last, every stride but the channels'.
+ROI_DIVISIBLE = {
+    "channels_last": ("C", "K", "s_in_n", "s_in_h", "s_in_w", "s_out_k", "s_out_h", "s_out_w",
+                      "s_g_k", "s_g_h", "s_g_w", "s_gi_n", "s_gi_h", "s_gi_w", "s_a_k",
+                      "s_a_h", "s_a_w"),
+    "nchw": ("C", "K", "s_in_n", "s_out_k", "s_g_k", "s_gi_n", "s_a_k"),
+}  # fmt: skip
+
+
+def roi_cases():
+    """The roi_align and roi_pool kernels with their GPU configs: the RoI check, the forwards
+    and the atomic backwards (one config per layout), the deterministic backwards (and roi_pool's
+    bin boxes), in float32, float16 and bfloat16, each with the strides a launch in that layout
+    specialises to 1."""
+    from cnnops.kernels import roi_align as align_kernels
+    from cnnops.kernels import roi_pool as pool_kernels
+
+    from cnnops.ops.roi_align import TRITON_CONFIGS as ALIGN_CONFIGS
+    from cnnops.ops.roi_pool import TRITON_CONFIGS as POOL_CONFIGS
+
+    def split(config):
+        config = dict(config)
+        return config, {"num_warps": config.pop("num_warps")}
+
+    def specialised(kernel, layout):
+        names = kernel.arg_names
+        ones = {name: 1 for name in ROI_ONES[layout] if name in names}
+        return ones, tuple(name for name in ROI_DIVISIBLE[layout] if name in names)
+
+    for dtype in ("fp32", "fp16", "bf16"):
+        blocks, options = split(ALIGN_CONFIGS["roi_check"]["gpu"])
+        for check_grid in (False, True):  # roi_pool's, roi_align's
+            yield Case(
+                f"roi_check-{dtype}{'-grid' if check_grid else ''}",
+                align_kernels.roi_check_kernel, dtype,
+                dict(FP64=False, CHECK_GRID=check_grid, ALIGNED=False, **blocks), options,
+                {"result_ptr": "i32"},
+            )  # fmt: skip
+    for layout in ("channels_last", "nchw"):
+        for dtype in ("fp32", "fp16", "bf16"):
+            for aligned in (False, True) if dtype == "fp32" else (False,):
+                kernel = align_kernels._roi_align_fwd_kernel
+                ones, divisible = specialised(kernel, layout)
+                blocks, options = split(ALIGN_CONFIGS["roi_align_fwd"]["gpu"][layout])
+                yield Case(
+                    f"roi_align_fwd-{layout}-{dtype}{'-aligned' if aligned else ''}",
+                    kernel, dtype,
+                    dict(ALIGNED=aligned, FP64=False, CHANNELS_FAST=layout == "channels_last",
+                         **blocks, **ones),
+                    options, {}, divisible,
+                )  # fmt: skip
+            kernel = align_kernels._roi_align_bwd_kernel
+            ones, divisible = specialised(kernel, layout)
+            blocks, options = split(ALIGN_CONFIGS["roi_align_bwd"]["gpu"][layout])
+            yield Case(
+                f"roi_align_bwd-{layout}-{dtype}", kernel, dtype,
+                dict(ALIGNED=False, FP64=False, CHANNELS_FAST=layout == "channels_last",
+                     **blocks, **ones),
+                options, {"gi_ptr": "fp32"}, divisible,
+            )  # fmt: skip
+            kernel = align_kernels._roi_align_bwd_deterministic_kernel
+            ones, divisible = specialised(kernel, layout)
+            blocks, options = split(ALIGN_CONFIGS["roi_align_bwd_deterministic"]["gpu"])
+            yield Case(
+                f"roi_align_bwd_deterministic-{layout}-{dtype}", kernel, dtype,
+                dict(ALIGNED=False, FP64=False, **blocks, **ones), options, {}, divisible,
+            )  # fmt: skip
+            kernel = pool_kernels._roi_pool_fwd_kernel
+            ones, divisible = specialised(kernel, layout)
+            blocks, options = split(POOL_CONFIGS["roi_pool_fwd"]["gpu"][layout])
+            yield Case(
+                f"roi_pool_fwd-{layout}-{dtype}", kernel, dtype,
+                dict(FP64=False, CHANNELS_FAST=layout == "channels_last", **blocks, **ones),
+                options, {"argmax_ptr": "i32"}, divisible,
+            )  # fmt: skip
+            kernel = pool_kernels._roi_pool_bwd_kernel
+            ones, divisible = specialised(kernel, layout)
+            blocks, options = split(POOL_CONFIGS["roi_pool_bwd"]["gpu"][layout])
+            yield Case(
+                f"roi_pool_bwd-{layout}-{dtype}", kernel, dtype,
+                dict(FP64=False, CHANNELS_FAST=layout == "channels_last", **blocks, **ones),
+                options, {"argmax_ptr": "i32", "gi_ptr": "fp32"}, divisible,
+            )  # fmt: skip
+            kernel = pool_kernels._roi_pool_bwd_deterministic_kernel
+            ones, divisible = specialised(kernel, layout)
+            blocks, options = split(POOL_CONFIGS["roi_pool_bwd_deterministic"]["gpu"])
+            yield Case(
+                f"roi_pool_bwd_deterministic-{layout}-{dtype}", kernel, dtype,
+                dict(FP64=False, **blocks, **ones), options,
+                {"argmax_ptr": "i32", "boxes_ptr": "i32"}, divisible,
+            )  # fmt: skip
+        kernel = pool_kernels._roi_pool_bin_boxes_kernel
+        ones, divisible = specialised(kernel, layout)
+        blocks, options = split(POOL_CONFIGS["roi_pool_bin_boxes"]["gpu"])
+        yield Case(
+            f"roi_pool_bin_boxes-{layout}", kernel, "i32", dict(**blocks, **ones), options, {},
+            divisible,
+        )  # fmt: skip
 
 
 def gemm_cases(conv2d_kernels, configs):

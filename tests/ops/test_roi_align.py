@@ -3,10 +3,9 @@
 import pytest
 import torch
 import torchvision
-
-import cnnops
 from roi_cases import problem, random_rois
 
+import cnnops
 
 CASES = [
     pytest.param(dict(output_size=(7, 7), sampling_ratio=-1, aligned=False), id="7x7-adaptive"),

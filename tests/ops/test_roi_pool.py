@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torchvision
+from roi_cases import problem, random_rois
 
 import cnnops
-from roi_cases import problem, random_rois
 
 OUTPUT_SIZES = [
     pytest.param((7, 7), id="7x7"),

@@ -14,6 +14,7 @@ from cnnops.ops.conv2d import conv2d  # noqa: E402
 from cnnops.ops.nms import batched_nms, box_iou, nms, soft_nms  # noqa: E402
 from cnnops.ops.roi_align import roi_align  # noqa: E402
 from cnnops.ops.roi_pool import roi_pool  # noqa: E402
+from cnnops.swap import SwapReport, swap, unswap  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ def has_cuda_kernels() -> bool:
 
 
 __all__ = [
+    "SwapReport",
     "__version__",
     "available_backends",
     "batched_nms",
@@ -35,5 +37,7 @@ __all__ = [
     "roi_align",
     "roi_pool",
     "soft_nms",
+    "swap",
+    "unswap",
     "use_backend",
 ]

@@ -6,7 +6,8 @@
 //   shared by the cores; a RoI's bins are reduced into a [bins, C] block, written out
 //   channels-first for an NCHW result.
 // - Backward works on NCHW planes: the channels are shared by the cores, and each core adds every
-//   RoI's bin gradients into its own channels' planes (a plane, H x W values, stays in cache).
+//   RoI's bin gradients into its own channels' planes, a tile of channels at a time (their
+//   planes stay in cache).
 //   Nothing is written by two cores (no atomics) and the sums run in a fixed order
 //   (deterministic).
 
@@ -15,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <vector>
 
@@ -183,14 +185,21 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
       const scalar_t* roi_data = r.const_data_ptr<scalar_t>();
       scalar_t* dst = grad_input.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, channels, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t k = 0; k < num_rois; ++k) {
-          const int64_t n = static_cast<int64_t>(roi_data[5 * k]);
-          for (int64_t c = c0; c < c1; ++c) {
-            scalar_t* out = dst + (n * channels + c) * plane;
-            const scalar_t* gk = g_data + (k * channels + c) * bins;
-            const int32_t* ak = a_data + (k * channels + c) * bins;
-            for (int64_t b = 0; b < bins; ++b) {
-              if (ak[b] >= 0) out[ak[b]] += gk[b];
+        // A tile of channels at a time, all RoIs: the tile's planes (one per channel and image)
+        // stay in L2 while every RoI adds into them, and each RoI's grad and argmax for the tile
+        // are read as one contiguous run.
+        constexpr int64_t kChannelTile = 16;
+        for (int64_t t0 = c0; t0 < c1; t0 += kChannelTile) {
+          const int64_t t1 = std::min(c1, t0 + kChannelTile);
+          for (int64_t k = 0; k < num_rois; ++k) {
+            const int64_t n = static_cast<int64_t>(roi_data[5 * k]);
+            for (int64_t c = t0; c < t1; ++c) {
+              scalar_t* out = dst + (n * channels + c) * plane;
+              const scalar_t* gk = g_data + (k * channels + c) * bins;
+              const int32_t* ak = a_data + (k * channels + c) * bins;
+              for (int64_t b = 0; b < bins; ++b) {
+                if (ak[b] >= 0) out[ak[b]] += gk[b];
+              }
             }
           }
         }

@@ -24,17 +24,10 @@ input and a block of channels, walking the RoIs in order.
 import triton
 import triton.language as tl
 
+from .roi_align import _spatial_scale  # spatial_scale arrives as its bits
+
 _FLOAT_MAX = tl.constexpr(3.4028234663852886e38)  # torchvision's start value, -FLT_MAX
 _ROUND_LIMIT = tl.constexpr(1099511627776.0)  # 2^40: round_to_pixel's clamp
-
-
-@triton.jit
-def _spatial_scale(scale_bits, FP64: tl.constexpr):
-    if FP64:
-        scale = tl.cast(tl.cast(scale_bits, tl.int64), tl.float64, bitcast=True)
-    else:
-        scale = tl.cast(tl.cast(scale_bits, tl.int32), tl.float32, bitcast=True)
-    return scale
 
 
 # The helpers below call no other helper: in Triton's interpreter every call of a jit function

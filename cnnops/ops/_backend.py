@@ -27,6 +27,19 @@ _OP_BACKENDS = {
 }
 
 
+def autocast_unifies(*tensors):
+    """Whether torch.autocast is on for the tensors' device and casts them all to one dtype
+    before the op's kernel runs (cnnops/autocast.py): floating tensors other than float64. The
+    public functions then take mixed dtypes, as torch's own ops do under autocast; inside the
+    op autocast is off, and the kernels' checks see the cast tensors."""
+    device = tensors[0].device.type
+    return (
+        device in ("cpu", "cuda")
+        and torch.is_autocast_enabled(device)
+        and all(t.is_floating_point() and t.dtype != torch.float64 for t in tensors)
+    )
+
+
 def _check_name(backend, source):
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} from {source}; expected one of {BACKENDS}")

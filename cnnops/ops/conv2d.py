@@ -12,7 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from cnnops.ops._backend import resolve_backend
+from cnnops.ops._backend import autocast_unifies, resolve_backend
 
 ALGOS = ("direct", "im2col", "implicit_gemm", "depthwise")
 
@@ -113,7 +113,7 @@ def _check_tensors(input, weight, bias):
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if t.dtype != input.dtype:
+        if t.dtype != input.dtype and not autocast_unifies(input, t):
             raise TypeError(
                 f"conv2d: {name} dtype {t.dtype} does not match input dtype {input.dtype}"
             )

@@ -14,7 +14,7 @@ import struct
 
 import torch
 
-from cnnops.ops._backend import resolve_backend
+from cnnops.ops._backend import autocast_unifies, resolve_backend
 
 
 def _check_boxes(boxes, name, op):
@@ -30,7 +30,7 @@ def _check_boxes(boxes, name, op):
 
 
 def _check_same(t, name, boxes, op, boxes_name="boxes"):
-    if t.dtype != boxes.dtype:
+    if t.dtype != boxes.dtype and not autocast_unifies(boxes, t):
         raise TypeError(
             f"{op}: {name} dtype {t.dtype} does not match {boxes_name} dtype {boxes.dtype}"
         )

@@ -10,7 +10,7 @@ import struct
 
 import torch
 
-from cnnops.ops._backend import resolve_backend
+from cnnops.ops._backend import autocast_unifies, resolve_backend
 
 
 def rois_from_boxes(boxes, op):
@@ -60,7 +60,7 @@ def check_roi_input(input, rois, spatial_scale, op):
         raise ValueError(f"{op}: input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
     if not input.is_floating_point():
         raise TypeError(f"{op}: input must be floating point, got {input.dtype}")
-    if rois.dtype != input.dtype:
+    if rois.dtype != input.dtype and not autocast_unifies(input, rois):
         raise TypeError(f"{op}: boxes dtype {rois.dtype} does not match input dtype {input.dtype}")
     if rois.device != input.device:
         raise ValueError(f"{op}: boxes are on {rois.device} but input is on {input.device}")

@@ -14,9 +14,13 @@ from cnnops.ops.conv2d import conv2d  # noqa: E402
 from cnnops.ops.nms import batched_nms, box_iou, nms, soft_nms  # noqa: E402
 from cnnops.ops.roi_align import roi_align  # noqa: E402
 from cnnops.ops.roi_pool import roi_pool  # noqa: E402
+from cnnops.patch import patch_torchvision, unpatch_torchvision  # noqa: E402
 from cnnops.swap import SwapReport, swap, unswap  # noqa: E402
 
 __version__ = "0.1.0"
+
+# After every op above: it registers their Autocast kernels (an op not yet defined is skipped).
+from cnnops import autocast  # noqa: E402, F401
 
 
 def has_cuda_kernels() -> bool:
@@ -34,10 +38,12 @@ __all__ = [
     "has_cuda_kernels",
     "nms",
     "nn",
+    "patch_torchvision",
     "roi_align",
     "roi_pool",
     "soft_nms",
     "swap",
+    "unpatch_torchvision",
     "unswap",
     "use_backend",
 ]

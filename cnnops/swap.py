@@ -14,7 +14,7 @@ import inspect
 import torch
 
 from cnnops.nn.conv import Conv2d
-from cnnops.nn.roi import RoIAlign, RoIPool
+from cnnops.nn.roi import LevelMapper, MultiScaleRoIAlign, RoIAlign, RoIPool
 from cnnops.ops._backend import resolve_backend
 from cnnops.ops.conv2d import ALGOS, BACKEND_ALGOS
 
@@ -87,6 +87,7 @@ def _type_name(cls):
         Conv2d: "cnnops.nn.Conv2d",
         RoIAlign: "cnnops.nn.RoIAlign",
         RoIPool: "cnnops.nn.RoIPool",
+        MultiScaleRoIAlign: "cnnops.nn.MultiScaleRoIAlign",
     }
     if tv is not None:
         known.update(
@@ -150,16 +151,23 @@ def _conv_reason(module, algo, backend):
     return None
 
 
+def _roi_classes(tv):
+    """(torchvision class, cnnops class) pairs of the RoI modules swap() replaces."""
+    return (
+        (tv.RoIAlign, RoIAlign),
+        (tv.RoIPool, RoIPool),
+        (tv.MultiScaleRoIAlign, MultiScaleRoIAlign),
+    )
+
+
 def _plan(module, algo, backend):
     """(new class, reason): the cnnops class to swap `module` to, or why it is left alone.
     (None, None) for modules swap() has nothing to say about."""
     cls = type(module)
     tv = _torchvision_ops()
-    if isinstance(module, (Conv2d, RoIAlign, RoIPool)):
+    if isinstance(module, (Conv2d, RoIAlign, RoIPool, MultiScaleRoIAlign)):
         return None, "already a cnnops module"
     if isinstance(module, torch.nn.ConvTranspose2d):
-        return None, _NO_EQUIVALENT
-    if tv is not None and isinstance(module, tv.MultiScaleRoIAlign):
         return None, _NO_EQUIVALENT
     if isinstance(module, torch.nn.Conv2d):
         if cls is not torch.nn.Conv2d:
@@ -173,7 +181,7 @@ def _plan(module, algo, backend):
             return None, "subclass of torch.nn.Conv2d; swapping would drop its own methods"
         return Conv2d, _conv_reason(module, algo, backend)
     if tv is not None:
-        for torch_cls, cnnops_cls in ((tv.RoIAlign, RoIAlign), (tv.RoIPool, RoIPool)):
+        for torch_cls, cnnops_cls in _roi_classes(tv):
             if isinstance(module, torch_cls):
                 if cls is not torch_cls:
                     return None, f"subclass of {_type_name(torch_cls)}"
@@ -221,7 +229,9 @@ def _replace(model, replacements):
 
 def swap(model, *, algo="auto", backend=None, include=None, exclude=None):
     """Replaces, in place, every torch.nn.Conv2d in `model` with cnnops.nn.Conv2d and every
-    torchvision.ops.RoIAlign / RoIPool with cnnops.nn.RoIAlign / RoIPool; returns a SwapReport.
+    torchvision.ops.RoIAlign / RoIPool / MultiScaleRoIAlign with cnnops.nn.RoIAlign / RoIPool /
+    MultiScaleRoIAlign; returns a SwapReport. A MultiScaleRoIAlign keeps the scales it has
+    already inferred.
 
     The new modules keep the old ones' Parameter and buffer objects (optimizers and tied weights
     keep working), hooks, training mode and attributes; a module shared by several parents
@@ -230,13 +240,13 @@ def swap(model, *, algo="auto", backend=None, include=None, exclude=None):
     backend its calls would resolve to now.
 
     algo, backend: given to every swapped cnnops.nn.Conv2d (see cnnops.conv2d); backend also to
-        the RoI modules once their classes take it. A conv the algo cannot serve is left alone.
+        the swapped RoI modules. A conv the algo cannot serve is left alone.
     include, exclude: fnmatch patterns on qualified names (as in model.named_modules()); a module
         is swapped only if include is None or matches it, and exclude does not. Exclude wins.
     Left alone, with the reason in the report: modules cnnops cannot serve, subclasses (their
     own forward or methods would be lost), modules with no cnnops equivalent
-    (nn.ConvTranspose2d, torchvision.ops.MultiScaleRoIAlign), modules already from cnnops, and
-    the model itself (swap replaces submodules in their parents; wrap a bare module first).
+    (nn.ConvTranspose2d), modules already from cnnops, and the model itself (swap replaces
+    submodules in their parents; wrap a bare module first).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"cnnops.swap: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -281,10 +291,11 @@ def swap(model, *, algo="auto", backend=None, include=None, exclude=None):
 
 
 def unswap(model):
-    """Replaces, in place, the cnnops.nn.Conv2d / RoIAlign / RoIPool modules in `model` with
-    torch.nn.Conv2d / torchvision.ops.RoIAlign / RoIPool, keeping their parameters, buffers,
-    hooks and mode as swap() does; returns how many modules were replaced (a shared module
-    counts once). Subclasses of the cnnops modules, and the model itself, are not replaced."""
+    """Replaces, in place, the cnnops.nn.Conv2d / RoIAlign / RoIPool / MultiScaleRoIAlign
+    modules in `model` with torch.nn.Conv2d / torchvision.ops.RoIAlign / RoIPool /
+    MultiScaleRoIAlign, keeping their parameters, buffers, hooks and mode as swap() does;
+    returns how many modules were replaced (a shared module counts once). Subclasses of the
+    cnnops modules, and the model itself, are not replaced."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
             f"cnnops.unswap: model must be a torch.nn.Module, got {type(model).__name__}"
@@ -294,14 +305,18 @@ def unswap(model):
     replacements = {}
     for module, _ in _modules_by_identity(model).values():
         cls = type(module)
-        if module is model or cls not in (Conv2d, RoIAlign, RoIPool):
+        if module is model or cls not in (Conv2d, RoIAlign, RoIPool, MultiScaleRoIAlign):
             continue
         if cls is not Conv2d and tv is None:
             tv = _torchvision_ops()
             if tv is None:
                 raise ImportError("cnnops.unswap: restoring RoI modules needs torchvision")
-            targets.update({RoIAlign: tv.RoIAlign, RoIPool: tv.RoIPool})
+            targets.update({cnnops_cls: tv_cls for tv_cls, cnnops_cls in _roi_classes(tv)})
         new = _rebuild(module, targets[cls], drop=("algo", "backend"))
+        if isinstance(getattr(new, "map_levels", None), LevelMapper):
+            # torchvision's class declares its own LevelMapper type (for TorchScript).
+            m = new.map_levels
+            new.map_levels = tv.poolers.LevelMapper(m.k_min, m.k_max, m.s0, m.lvl0, m.eps)
         replacements[id(module)] = (module, new)
     _replace(model, replacements)
     return len(replacements)

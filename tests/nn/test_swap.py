@@ -1,11 +1,14 @@
 """cnnops.swap / cnnops.unswap put cnnops modules into existing models and take them out."""
 
+import collections
 import copy
 
 import pytest
 import torch
 import torchvision
+from roi_cases import problem as roi_problem
 from tolerance import assert_close_to_reference
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cnnops
 
@@ -229,14 +232,15 @@ def test_roi_modules_swapped_and_match_torchvision():
     assert type(model.align) is cnnops.nn.RoIAlign and type(model.pool) is cnnops.nn.RoIPool
     align = model.align
     assert (align.output_size, align.sampling_ratio, align.aligned) == (3, 2, True)
-    assert sorted(row[0] for row in report.left_alone) == ["multi", "up"]
-    assert all(reason == "no cnnops equivalent yet" for _, _, reason in report.left_alone)
+    assert type(model.multi) is cnnops.nn.MultiScaleRoIAlign
+    assert "multi" not in [row[0] for row in report.left_alone]
     torch.manual_seed(0)
     x = torch.randn(2, 3, 9, 10)
     for ours, theirs in zip(model(x, _rois()), reference(x, _rois()), strict=True):
         torch.testing.assert_close(ours, theirs)
 
-    assert cnnops.unswap(model) == 2
+    assert cnnops.unswap(model) == 3
+    assert type(model.multi) is torchvision.ops.MultiScaleRoIAlign
     assert type(model.align) is torchvision.ops.RoIAlign
     assert type(model.pool) is torchvision.ops.RoIPool
 
@@ -294,3 +298,196 @@ def test_model_itself_is_not_replaced():
     assert type(conv) is torch.nn.Conv2d and len(report) == 0
     assert report.left_alone[0][0] == "" and "model itself" in report.left_alone[0][2]
     assert "(model)" in str(report)
+
+
+# ---- RoI modules: backend, MultiScaleRoIAlign ---------------------------------------------
+
+
+class _OpNames(TorchDispatchMode):
+    """The names of the cnnops:: and torchvision:: ops run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("cnnops", "torchvision"):
+            self.names.add(f"{func.namespace}::{func._opname}")
+        return func(*args, **(kwargs or {}))
+
+
+def _pyramid(dtype, extra=True):
+    """FPN-like features of a batch padded to 384 x 320 (strides 4, 8, 16) in an OrderedDict
+    whose order differs from featmap_names, with a map that is not pooled; boxes of every
+    level, some exactly on a level boundary (sqrt(area) = 224 * 2^k); the images' sizes."""
+    gen = torch.Generator().manual_seed(3)
+    x = collections.OrderedDict()
+    x["p2"] = torch.randn(2, 3, 96, 80, generator=gen, dtype=torch.float64)
+    if extra:
+        x["pool"] = torch.randn(2, 3, 3, 3, generator=gen, dtype=torch.float64)
+    x["p3"] = torch.randn(2, 3, 48, 40, generator=gen, dtype=torch.float64)
+    x["p4"] = torch.randn(2, 3, 24, 20, generator=gen, dtype=torch.float64)
+    boxes = []
+    for n in (12, 7):
+        xy = torch.rand(n, 2, generator=gen, dtype=torch.float64) * 250
+        wh = torch.rand(n, 2, generator=gen, dtype=torch.float64) * 300 + 2
+        boxes.append(torch.cat([xy, xy + wh], 1))
+    boxes[0][:4] = torch.tensor(
+        [[0, 0, 224, 224], [10, 5, 122, 117], [1, 2, 57, 58], [3, 4, 115, 116 - 1e-9]],
+        dtype=torch.float64,
+    )
+    x = collections.OrderedDict((k, v.to(dtype)) for k, v in x.items())
+    return x, [b.to(dtype) for b in boxes], [(380, 320), (384, 300)]
+
+
+def _assert_same_mapping(ours, theirs):
+    assert ours.scales == theirs.scales
+    for attr in ("k_min", "k_max", "s0", "lvl0", "eps"):
+        assert getattr(ours.map_levels, attr) == getattr(theirs.map_levels, attr), attr
+
+
+MULTISCALE_CASES = [
+    pytest.param(["p2", "p3", "p4"], 3, 2, {}, id="three-levels"),
+    pytest.param(["p4", "p2"], (2, 3), -1, {}, id="two-levels-adaptive"),
+    pytest.param(["p3"], 4, 2, {}, id="one-level"),
+    pytest.param(["p2", "p3", "p4"], 2, 1, dict(canonical_scale=64, canonical_level=3), id="canon"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("names,output_size,sampling_ratio,canonical", MULTISCALE_CASES)
+def test_multiscale_roi_align_matches_torchvision(
+    names, output_size, sampling_ratio, canonical, dtype
+):
+    x, boxes, image_shapes = _pyramid(dtype)
+    theirs = torchvision.ops.MultiScaleRoIAlign(names, output_size, sampling_ratio, **canonical)
+    ours = cnnops.nn.MultiScaleRoIAlign(names, output_size, sampling_ratio, **canonical)
+    leaves = {name: [v.clone().requires_grad_() for v in x.values()] for name in ("ours", "theirs")}
+    outputs = {}
+    for name, module in (("ours", ours), ("theirs", theirs)):
+        with _OpNames() as ops:
+            outputs[name] = module(dict(zip(x, leaves[name], strict=True)), boxes, image_shapes)
+        expected_ops = {"ours": {"cnnops::roi_align"}, "theirs": {"torchvision::roi_align"}}
+        assert ops.names == expected_ops[name]
+        outputs[name].backward(torch.ones_like(outputs[name]))
+    torch.testing.assert_close(outputs["ours"], outputs["theirs"])
+    _assert_same_mapping(ours, theirs)
+    for mine, reference in zip(leaves["ours"], leaves["theirs"], strict=True):
+        assert (mine.grad is None) == (reference.grad is None)
+        if mine.grad is not None:
+            torch.testing.assert_close(mine.grad, reference.grad)
+
+
+def test_multiscale_roi_align_levels_match_torchvision_on_boundaries():
+    """Boxes whose level is exactly a boundary of eq. 1 (and a hair either side) land on the
+    level torchvision puts them on."""
+    sides = torch.tensor([224.0 * 2.0**k for k in range(-3, 3)], dtype=torch.float64)
+    sides = torch.cat([sides, sides * (1 - 1e-7), sides * (1 + 1e-7), sides * (1 - 1e-15)])
+    boxes = torch.zeros(len(sides), 4, dtype=torch.float64)
+    boxes[:, 2:] = sides[:, None]
+    for dtype in (torch.float32, torch.float64):
+        theirs = torchvision.ops.poolers.LevelMapper(2, 5)
+        ours = cnnops.nn.roi.LevelMapper(2, 5)
+        assert torch.equal(ours([boxes.to(dtype)]), theirs([boxes.to(dtype)]))
+
+
+def test_multiscale_roi_align_swap_keeps_inferred_scales():
+    x, boxes, image_shapes = _pyramid(torch.float64)
+    model = torch.nn.ModuleDict({"pool": torchvision.ops.MultiScaleRoIAlign(["p2", "p3"], 3, 2)})
+    reference = model["pool"](x, boxes, image_shapes)  # infers the scales
+    scales, mapper = model["pool"].scales, model["pool"].map_levels
+
+    report = cnnops.swap(model, backend="cpu")
+    swapped = model["pool"]
+    assert report.swapped == [
+        ("pool", "torchvision.ops.MultiScaleRoIAlign", "cnnops.nn.MultiScaleRoIAlign")
+    ]
+    assert type(swapped) is cnnops.nn.MultiScaleRoIAlign and swapped.backend == "cpu"
+    assert swapped.scales is scales and swapped.map_levels is mapper
+    # Other image sizes would infer other scales: the kept ones are used, as torchvision does.
+    with _OpNames() as ops:
+        got = swapped(x, boxes, [(100, 100)])
+    assert ops.names == {"cnnops::roi_align"}
+    torch.testing.assert_close(got, reference)
+    assert "backend='cpu'" in repr(swapped)
+
+    assert cnnops.unswap(model) == 1
+    restored = model["pool"]
+    assert type(restored) is torchvision.ops.MultiScaleRoIAlign
+    assert not hasattr(restored, "backend") and restored.scales is scales
+    torch.testing.assert_close(restored(x, boxes, image_shapes), reference)
+
+    # A cnnops module's own mapper becomes torchvision's LevelMapper when unswapped.
+    model["pool"] = cnnops.nn.MultiScaleRoIAlign(["p2", "p3"], 3, 2)
+    model["pool"](x, boxes, image_shapes)
+    assert cnnops.unswap(model) == 1
+    assert type(model["pool"].map_levels) is torchvision.ops.poolers.LevelMapper
+    _assert_same_mapping(model["pool"], restored)
+    torch.testing.assert_close(model["pool"](x, boxes, image_shapes), reference)
+
+
+def test_multiscale_roi_align_compiles_fullgraph():
+    x, boxes, image_shapes = _pyramid(torch.float32)
+    module = cnnops.nn.MultiScaleRoIAlign(["p2", "p3", "p4"], 3, 2)
+    expected = cnnops.nn.MultiScaleRoIAlign(["p2", "p3", "p4"], 3, 2)(x, boxes, image_shapes)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, boxes, image_shapes), expected)  # infers the scales
+    torch.testing.assert_close(compiled(x, boxes, image_shapes), expected)  # uses them
+    assert module.scales == [0.25, 0.125, 0.0625]
+
+
+def test_multiscale_roi_align_bad_input():
+    x, boxes, image_shapes = _pyramid(torch.float32)
+    module = cnnops.nn.MultiScaleRoIAlign(["p2", "p3"], 3, 2)
+    with pytest.raises(TypeError, match="x must be a dict"):
+        module(list(x.values()), boxes, image_shapes)
+    with pytest.raises(ValueError, match="none of the feature maps"):
+        cnnops.nn.MultiScaleRoIAlign(["p9"], 3, 2)(x, boxes, image_shapes)
+    with pytest.raises(ValueError, match="image_shapes"):
+        module(x, boxes, [])
+    with pytest.raises(ValueError, match=r"boxes\[1\]"):
+        module(x, [boxes[0], boxes[1][:, :3]], image_shapes)
+    assert module.scales is None  # failed calls infer nothing
+    with pytest.raises(TypeError, match="featmap_names"):
+        cnnops.nn.MultiScaleRoIAlign("p2", 3, 2)
+    with pytest.raises(TypeError, match="sampling_ratio"):
+        cnnops.nn.MultiScaleRoIAlign(["p2"], 3, 2.0)
+    with pytest.raises(ValueError, match="output_size"):
+        cnnops.nn.MultiScaleRoIAlign(["p2"], (3, 0), 2)
+    for cls, args in (
+        (cnnops.nn.MultiScaleRoIAlign, (["p2"], 3, 2)),
+        (cnnops.nn.RoIAlign, (3, 0.5, 2)),
+        (cnnops.nn.RoIPool, (3, 0.5)),
+    ):
+        with pytest.raises(ValueError, match="backend"):
+            cls(*args, backend="tpu")
+
+
+def test_roi_modules_take_backend():
+    """backend= on the modules, and from swap(), reaches the ops (triton: Triton's interpreter
+    on CPU tensors here); the default prints as torchvision's module does."""
+    x, rois = roi_problem(torch.float32)
+    pyramid, boxes, image_shapes = _pyramid(torch.float32, extra=False)
+    calls = [
+        ("RoIAlign", (3, 0.5, 2), (x, rois), "roi_align"),
+        ("RoIPool", ((2, 3), 0.5), (x, rois), "roi_pool"),
+        ("MultiScaleRoIAlign", (["p2", "p3"], 2, 2), (pyramid, boxes, image_shapes), "roi_align"),
+    ]
+    for name, args, inputs, op in calls:
+        theirs = getattr(torchvision.ops, name)(*args)
+        expected = theirs(*inputs)
+        assert repr(getattr(cnnops.nn, name)(*args)) == repr(theirs)
+        ours = getattr(cnnops.nn, name)(*args, backend="triton")
+        assert "backend='triton'" in repr(ours)
+        with _OpNames() as ops:
+            got = ours(*inputs)
+        assert ops.names == {f"cnnops::{op}_triton"}, name
+        torch.testing.assert_close(got, expected)
+
+        model = torch.nn.Sequential(theirs)
+        cnnops.swap(model, backend="triton")
+        assert model[0].backend == "triton"
+        with _OpNames() as ops:
+            model[0](*inputs)
+        assert ops.names == {f"cnnops::{op}_triton"}, name

@@ -64,15 +64,15 @@ def test_a_fast_wrong_provider_is_marked_not_correct():
     assert rows["broken"]["correct"] == "error" and "IndexError" in rows["broken"]["error_message"]
 
 
-def run_quick_bench(tmp_path, *extra):
+def run_quick_bench(tmp_path, *extra, op="conv2d"):
     """`python -m bench --quick` on the CPU into tmp_path; returns the finished process."""
-    command = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--op", "conv2d"]
+    command = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--op", op]
     run = subprocess.run(
         [*command, *extra, "--out", str(tmp_path)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # a busy 2-core machine: the quick model run takes 5 s when idle
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
@@ -112,3 +112,19 @@ def test_quick_backward_run_checks_and_times_both_gradients(tmp_path):
     assert {row["op"] for row in rows} == {"conv2d fwd+bwd"}
     assert {row["provider"] for row in rows} >= {"torch", "cpu-im2col", "cpu-auto", "cpu-direct"}
     assert all(row["correct"] == "yes" for row in rows), [r for r in rows if r["correct"] != "yes"]
+
+
+def test_quick_models_run_checks_swapped_models_against_float64(tmp_path):
+    """The whole-model cases: a swapped MobileNetV2 and, under patch_torchvision, a Faster R-CNN,
+    each checked against the unswapped model in float64 and timed against it."""
+    run_quick_bench(tmp_path, op="models")
+    (csv_path,) = tmp_path.glob("*-quick.csv")
+    lines = csv_path.read_text().splitlines()
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    assert {(row["layer"], row["provider"]) for row in rows} == {
+        (model, provider)
+        for model in ("mobilenet_v2", "fasterrcnn_mobilenet_v3_large_320_fpn")
+        for provider in ("torch", "cnnops-cpu")
+    }
+    assert all(row["correct"] == "yes" for row in rows), [r for r in rows if r["correct"] != "yes"]
+    assert all(math.isfinite(float(row["speedup"])) for row in rows)

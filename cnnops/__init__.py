@@ -11,6 +11,7 @@ _HAS_CUDA_KERNELS = bool(_C.has_cuda_kernels())
 from cnnops import nn  # noqa: E402
 from cnnops.ops._backend import available_backends, use_backend  # noqa: E402
 from cnnops.ops.conv2d import conv2d  # noqa: E402
+from cnnops.ops.conv_transpose2d import conv_transpose2d  # noqa: E402
 from cnnops.ops.nms import batched_nms, box_iou, nms, soft_nms  # noqa: E402
 from cnnops.ops.roi_align import roi_align  # noqa: E402
 from cnnops.ops.roi_pool import roi_pool  # noqa: E402
@@ -35,6 +36,7 @@ __all__ = [
     "batched_nms",
     "box_iou",
     "conv2d",
+    "conv_transpose2d",
     "has_cuda_kernels",
     "nms",
     "nn",

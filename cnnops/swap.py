@@ -13,7 +13,7 @@ import inspect
 
 import torch
 
-from cnnops.nn.conv import Conv2d
+from cnnops.nn.conv import Conv2d, ConvTranspose2d
 from cnnops.nn.roi import LevelMapper, MultiScaleRoIAlign, RoIAlign, RoIPool
 from cnnops.ops._backend import resolve_backend
 from cnnops.ops.conv2d import ALGOS, BACKEND_ALGOS
@@ -29,8 +29,6 @@ _BACKEND_DTYPES = {
 # Per-module containers that __dict__ holds and that the new module gets its own copy of. The
 # other containers (the hook dictionaries) are shared; see the module docstring.
 _OWN_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
-
-_NO_EQUIVALENT = "no cnnops equivalent yet"
 
 
 @dataclasses.dataclass
@@ -85,6 +83,7 @@ def _type_name(cls):
         torch.nn.Conv2d: "torch.nn.Conv2d",
         torch.nn.ConvTranspose2d: "torch.nn.ConvTranspose2d",
         Conv2d: "cnnops.nn.Conv2d",
+        ConvTranspose2d: "cnnops.nn.ConvTranspose2d",
         RoIAlign: "cnnops.nn.RoIAlign",
         RoIPool: "cnnops.nn.RoIPool",
         MultiScaleRoIAlign: "cnnops.nn.MultiScaleRoIAlign",
@@ -160,25 +159,47 @@ def _roi_classes(tv):
     )
 
 
+def _conv_transpose_reason(module, algo, backend):
+    """Why cnnops.nn.ConvTranspose2d cannot take this torch.nn.ConvTranspose2d's place, or None.
+    Its kernels are conv2d's (grad input): the same dtype and backend rules, but depthwise is
+    conv2d's depthwise seen from its grad input (groups == out_channels)."""
+    reason = _conv_reason(module, "auto" if algo == "depthwise" else algo, backend)
+    depthwise = module.groups == module.out_channels and module.in_channels % module.groups == 0
+    if reason is None and algo == "depthwise" and not depthwise:
+        return (
+            f"algo='depthwise' needs groups == out_channels (in_channels a multiple of it), got "
+            f"groups={module.groups}, out_channels={module.out_channels}"
+        )
+    return reason
+
+
+def _conv_subclass_reason(module, base):
+    """Why a subclass of torch's conv module `base` is left alone."""
+    if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
+        return "uninitialized lazy module (run a forward pass first)"
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return "parametrized (torch.nn.utils.parametrize); swapping would drop it"
+    methods = [m for m in ("forward", "_conv_forward") if hasattr(base, m)]
+    own = _overrides(type(module), base, methods)
+    if own:
+        return f"subclass of {_type_name(base)} with its own {own[0]}"
+    return f"subclass of {_type_name(base)}; swapping would drop its own methods"
+
+
 def _plan(module, algo, backend):
     """(new class, reason): the cnnops class to swap `module` to, or why it is left alone.
     (None, None) for modules swap() has nothing to say about."""
     cls = type(module)
     tv = _torchvision_ops()
-    if isinstance(module, (Conv2d, RoIAlign, RoIPool, MultiScaleRoIAlign)):
+    if isinstance(module, (Conv2d, ConvTranspose2d, RoIAlign, RoIPool, MultiScaleRoIAlign)):
         return None, "already a cnnops module"
     if isinstance(module, torch.nn.ConvTranspose2d):
-        return None, _NO_EQUIVALENT
+        if cls is not torch.nn.ConvTranspose2d:
+            return None, _conv_subclass_reason(module, torch.nn.ConvTranspose2d)
+        return ConvTranspose2d, _conv_transpose_reason(module, algo, backend)
     if isinstance(module, torch.nn.Conv2d):
         if cls is not torch.nn.Conv2d:
-            if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
-                return None, "uninitialized lazy module (run a forward pass first)"
-            if torch.nn.utils.parametrize.is_parametrized(module):
-                return None, "parametrized (torch.nn.utils.parametrize); swapping would drop it"
-            own = _overrides(cls, torch.nn.Conv2d, ("forward", "_conv_forward"))
-            if own:
-                return None, f"subclass of torch.nn.Conv2d with its own {own[0]}"
-            return None, "subclass of torch.nn.Conv2d; swapping would drop its own methods"
+            return None, _conv_subclass_reason(module, torch.nn.Conv2d)
         return Conv2d, _conv_reason(module, algo, backend)
     if tv is not None:
         for torch_cls, cnnops_cls in _roi_classes(tv):
@@ -228,10 +249,10 @@ def _replace(model, replacements):
 
 
 def swap(model, *, algo="auto", backend=None, include=None, exclude=None):
-    """Replaces, in place, every torch.nn.Conv2d in `model` with cnnops.nn.Conv2d and every
-    torchvision.ops.RoIAlign / RoIPool / MultiScaleRoIAlign with cnnops.nn.RoIAlign / RoIPool /
-    MultiScaleRoIAlign; returns a SwapReport. A MultiScaleRoIAlign keeps the scales it has
-    already inferred.
+    """Replaces, in place, every torch.nn.Conv2d / ConvTranspose2d in `model` with
+    cnnops.nn.Conv2d / ConvTranspose2d and every torchvision.ops.RoIAlign / RoIPool /
+    MultiScaleRoIAlign with cnnops.nn.RoIAlign / RoIPool / MultiScaleRoIAlign; returns a
+    SwapReport. A MultiScaleRoIAlign keeps the scales it has already inferred.
 
     The new modules keep the old ones' Parameter and buffer objects (optimizers and tied weights
     keep working), hooks, training mode and attributes; a module shared by several parents
@@ -239,14 +260,14 @@ def swap(model, *, algo="auto", backend=None, include=None, exclude=None):
     dtype: a conv is swapped only if cnnops has kernels for its weight's device and dtype on the
     backend its calls would resolve to now.
 
-    algo, backend: given to every swapped cnnops.nn.Conv2d (see cnnops.conv2d); backend also to
-        the swapped RoI modules. A conv the algo cannot serve is left alone.
+    algo, backend: given to every swapped cnnops.nn.Conv2d and ConvTranspose2d (see
+        cnnops.conv2d); backend also to the swapped RoI modules. A conv the algo cannot serve is
+        left alone.
     include, exclude: fnmatch patterns on qualified names (as in model.named_modules()); a module
         is swapped only if include is None or matches it, and exclude does not. Exclude wins.
     Left alone, with the reason in the report: modules cnnops cannot serve, subclasses (their
-    own forward or methods would be lost), modules with no cnnops equivalent
-    (nn.ConvTranspose2d), modules already from cnnops, and the model itself (swap replaces
-    submodules in their parents; wrap a bare module first).
+    own forward or methods would be lost), modules already from cnnops, and the model itself
+    (swap replaces submodules in their parents; wrap a bare module first).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"cnnops.swap: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -279,7 +300,7 @@ def swap(model, *, algo="auto", backend=None, include=None, exclude=None):
             report.left_alone.append((names[0], _type_name(type(module)), reason))
             continue
         new = _rebuild(module, new_cls)
-        if new_cls is Conv2d:
+        if new_cls in (Conv2d, ConvTranspose2d):
             new.algo = algo
             new.backend = backend
         elif "backend" in inspect.signature(new_cls.__init__).parameters:
@@ -291,23 +312,25 @@ def swap(model, *, algo="auto", backend=None, include=None, exclude=None):
 
 
 def unswap(model):
-    """Replaces, in place, the cnnops.nn.Conv2d / RoIAlign / RoIPool / MultiScaleRoIAlign
-    modules in `model` with torch.nn.Conv2d / torchvision.ops.RoIAlign / RoIPool /
-    MultiScaleRoIAlign, keeping their parameters, buffers, hooks and mode as swap() does;
-    returns how many modules were replaced (a shared module counts once). Subclasses of the
-    cnnops modules, and the model itself, are not replaced."""
+    """Replaces, in place, the cnnops.nn.Conv2d / ConvTranspose2d / RoIAlign / RoIPool /
+    MultiScaleRoIAlign modules in `model` with torch.nn.Conv2d / ConvTranspose2d /
+    torchvision.ops.RoIAlign / RoIPool / MultiScaleRoIAlign, keeping their parameters, buffers,
+    hooks and mode as swap() does; returns how many modules were replaced (a shared module
+    counts once). Subclasses of the cnnops modules, and the model itself, are not replaced."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
             f"cnnops.unswap: model must be a torch.nn.Module, got {type(model).__name__}"
         )
-    targets = {Conv2d: torch.nn.Conv2d}
+    targets = {Conv2d: torch.nn.Conv2d, ConvTranspose2d: torch.nn.ConvTranspose2d}
     tv = None
     replacements = {}
     for module, _ in _modules_by_identity(model).values():
         cls = type(module)
-        if module is model or cls not in (Conv2d, RoIAlign, RoIPool, MultiScaleRoIAlign):
+        if module is model or cls not in (
+            Conv2d, ConvTranspose2d, RoIAlign, RoIPool, MultiScaleRoIAlign
+        ):
             continue
-        if cls is not Conv2d and tv is None:
+        if cls not in targets and tv is None:
             tv = _torchvision_ops()
             if tv is None:
                 raise ImportError("cnnops.unswap: restoring RoI modules needs torchvision")

@@ -20,6 +20,7 @@ _backend_stack = []
 # Backends each op has kernels for. An op module adds itself when its kernels exist.
 _OP_BACKENDS = {
     "conv2d": ("cpu", "cuda", "triton"),
+    "conv_transpose2d": ("cpu", "cuda", "triton"),
     "nms": ("cpu", "cuda", "triton"),
     "box_iou": ("cpu", "cuda", "triton"),
     "roi_align": ("cpu", "cuda", "triton"),

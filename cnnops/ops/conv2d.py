@@ -24,9 +24,9 @@ BACKEND_ALGOS = {
 }
 
 
-def _pair(value, name):
+def _pair(value, name, op="conv2d"):
     if isinstance(value, bool):
-        raise TypeError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}")
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
         return (value, value)
     if (
@@ -37,7 +37,7 @@ def _pair(value, name):
         return tuple(value)
     if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(value[0], int):
         return (value[0], value[0])
-    raise TypeError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}")
+    raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
 
 
 def conv2d_output_shape(input_shape, weight_shape, stride, padding, dilation, groups):
@@ -102,24 +102,24 @@ def conv2d_memory_format(input):
     return torch.contiguous_format
 
 
-def _check_tensors(input, weight, bias):
+def _check_tensors(input, weight, bias, op="conv2d"):
     for name, t in (("input", input), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"conv2d: {name} must be a Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"conv2d: bias must be a Tensor or None, got {type(bias).__name__}")
+        raise TypeError(f"{op}: bias must be a Tensor or None, got {type(bias).__name__}")
     if not input.is_floating_point():
-        raise TypeError(f"conv2d: input must be a floating-point tensor, got {input.dtype}")
+        raise TypeError(f"{op}: input must be a floating-point tensor, got {input.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
         if t.dtype != input.dtype and not autocast_unifies(input, t):
             raise TypeError(
-                f"conv2d: {name} dtype {t.dtype} does not match input dtype {input.dtype}"
+                f"{op}: {name} dtype {t.dtype} does not match input dtype {input.dtype}"
             )
         if t.device != input.device:
             raise ValueError(
-                f"conv2d: {name} is on {t.device} but input is on {input.device}; "
+                f"{op}: {name} is on {t.device} but input is on {input.device}; "
                 "they must be on the same device"
             )
 
@@ -188,8 +188,8 @@ def conv2d(
             f"conv2d: algo {algo!r} is not available on the {backend} backend "
             f"(it has: {', '.join(BACKEND_ALGOS[backend])})"
         )
-    if algo == "depthwise" and not _is_depthwise(input, weight, groups):
-        raise ValueError(_not_depthwise_message(input, weight, groups))
+    if algo == "depthwise" and not _is_depthwise(input.shape[1], weight.shape[0], groups):
+        raise ValueError(_not_depthwise_message(input.shape[1], weight.shape[0], groups))
     args = (input, weight, bias, stride, padding, dilation, groups, algo)
     if backend == "triton":
         return torch.ops.cnnops.conv2d_triton.default(*args)
@@ -201,11 +201,11 @@ def conv2d(
         return torch.ops.cnnops.conv2d.default(*args)
 
 
-def _not_depthwise_message(input, weight, groups):
+def _not_depthwise_message(in_channels, out_channels, groups):
     return (
         "conv2d: algo 'depthwise' needs a depthwise layer (groups == input channels, output "
-        f"channels a multiple of them); got groups={groups}, {input.shape[1]} input and "
-        f"{weight.shape[0]} output channels"
+        f"channels a multiple of them); got groups={groups}, {in_channels} input and "
+        f"{out_channels} output channels"
     )
 
 
@@ -365,27 +365,28 @@ def _triton_conv_geometry(input, weight, stride, padding, dilation, groups):
     return dict(n=n, c=c, h=h, w=w, k=k, r=r, s=s, p=p, q=q)
 
 
-def _is_depthwise(input, weight, groups):
-    return groups == input.shape[1] and weight.shape[0] % groups == 0
+def _is_depthwise(in_channels, out_channels, groups):
+    return groups == in_channels and out_channels % groups == 0
 
 
-def _triton_algo(algo, input, weight, groups):
-    """The triton algorithm that runs this call: "auto" resolved, an explicit one checked.
-    (Again here: the triton ops can be called directly, without conv2d()'s checks.)"""
+def _triton_algo(algo, g, groups, dtype):
+    """The triton algorithm that runs the conv2d of geometry `g` (or its grad input): "auto"
+    resolved, an explicit one checked. (Again here: the triton ops can be called directly,
+    without conv2d()'s checks.)"""
     if algo != "auto" and algo not in BACKEND_ALGOS["triton"]:
         raise ValueError(
             f"conv2d: algo {algo!r} is not available on the triton backend "
             f"(it has: {', '.join(BACKEND_ALGOS['triton'])})"
         )
-    depthwise = _is_depthwise(input, weight, groups)
+    depthwise = _is_depthwise(g["c"], g["k"], groups)
     if algo == "depthwise" and not depthwise:
-        raise ValueError(_not_depthwise_message(input, weight, groups))
+        raise ValueError(_not_depthwise_message(g["c"], g["k"], groups))
     if algo != "auto":
         return algo
     if depthwise:
         return "depthwise"
     # Tensor cores take no float64: the FMA kernel is the one for it.
-    return "direct" if input.dtype == torch.float64 else "implicit_gemm"
+    return "direct" if dtype == torch.float64 else "implicit_gemm"
 
 
 def _channels_last(t):
@@ -441,8 +442,8 @@ def _conv2d_triton(
     groups: int,
     algo: str,
 ) -> torch.Tensor:
-    algo = _triton_algo(algo, input, weight, groups)
     g = _triton_conv_geometry(input, weight, stride, padding, dilation, groups)
+    algo = _triton_algo(algo, g, groups, input.dtype)
     out = input.new_empty((g["n"], g["k"], g["p"], g["q"])).contiguous(
         memory_format=conv2d_memory_format(input)
     )
@@ -522,32 +523,48 @@ def _conv2d_triton_backward(
     algo: str,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    algo = _triton_algo(algo, input, weight, groups)
     g = _triton_conv_geometry(input, weight, stride, padding, dilation, groups)
-    if algo == "depthwise":
-        backward = _depthwise_backward
-    else:
-        backward = _gemm_backward
+    algo = _triton_algo(algo, g, groups, input.dtype)
+    if algo != "depthwise":
         _check_pixel_count("input", g["n"] * g["h"] * g["w"])
         _check_pixel_count("output", g["n"] * g["p"] * g["q"])
+        # Converted once for both gradients (see _channels_last).
         grad_output = _channels_last(grad_output)
-        if output_mask[1]:
-            input = _channels_last(input)
     grad_input = input.new_empty(0)
     if output_mask[0]:
         grad_input = torch.empty_like(input, memory_format=conv2d_memory_format(input))
-        if grad_input.numel() > 0:
-            backward("grad_input", grad_output, input, weight, grad_input, g, stride, padding,
-                     dilation, groups, algo)  # fmt: skip
+        triton_grad_input(grad_output, weight, grad_input, g, stride, padding, dilation, groups,
+                          algo)  # fmt: skip
     grad_weight = input.new_empty(0)
     if output_mask[1]:
         grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        backward("grad_weight", grad_output, input, weight, grad_weight, g, stride, padding,
-                 dilation, groups, algo)  # fmt: skip
+        if algo == "depthwise":
+            _depthwise_backward("grad_weight", grad_output, input, weight, grad_weight, g, stride,
+                                padding, dilation, groups, algo)  # fmt: skip
+        else:
+            _gemm_backward("grad_weight", grad_output, _channels_last(input), weight, grad_weight,
+                           g, stride, padding, dilation, groups, algo)  # fmt: skip
     grad_bias = grad_output.sum((0, 2, 3)) if output_mask[2] else input.new_empty(0)
     return grad_input, grad_weight, grad_bias
 
 
+def triton_grad_input(grad_output, weight, result, g, stride, padding, dilation, groups, algo):
+    """Writes conv2d's grad input into `result`, its geometry `g` (_triton_conv_geometry): the
+    grad input of _conv2d_triton_backward and the output of conv_transpose2d's triton op, which
+    has no conv2d input tensor, only its size. algo: a resolved one (_triton_algo)."""
+    if result.numel() == 0:
+        return
+    if algo == "depthwise":
+        _depthwise_backward("grad_input", grad_output, None, weight, result, g, stride, padding,
+                            dilation, groups, algo)  # fmt: skip
+        return
+    _check_pixel_count("input", g["n"] * g["h"] * g["w"])
+    _check_pixel_count("output", g["n"] * g["p"] * g["q"])
+    _gemm_backward("grad_input", _channels_last(grad_output), None, weight, result, g, stride,
+                   padding, dilation, groups, algo)  # fmt: skip
+
+
+# The two backward launchers read `input` for grad weight only (None for grad input).
 def _depthwise_backward(which, grad_output, input, weight, result, g, stride, padding, dilation,
                         groups, algo):  # fmt: skip
     import triton
@@ -558,7 +575,7 @@ def _depthwise_backward(which, grad_output, input, weight, result, g, stride, pa
     conv = (padding[0], padding[1], dilation[0], dilation[1])
     taps = dict(
         R=g["r"], S=g["s"], STRIDE_H=stride[0], STRIDE_W=stride[1],
-        FP64=input.dtype == torch.float64,
+        FP64=weight.dtype == torch.float64,
     )  # fmt: skip
     w = weight.contiguous()
     if which == "grad_input":
@@ -606,7 +623,7 @@ def _gemm_backward(which, grad_output, input, weight, result, g, stride, padding
 
     cg, kg = g["c"] // groups, g["k"] // groups
     sizes = (g["n"], g["h"], g["w"], g["p"], g["q"], cg, kg, g["r"], g["s"])
-    options = _gemm_options(algo, input.dtype)
+    options = _gemm_options(algo, weight.dtype)
     if which == "grad_input":
         kernel, cfg = _gemm_kernel("conv2d_grad_input_kernel", algo)
         # (R, S, C_out, C_in/groups): the weight tile's input channels are contiguous.

@@ -7,18 +7,33 @@
 
 #include "conv2d.h"
 
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 namespace cnnops {
 
 namespace {
 
-void check_pair(at::IntArrayRef values, const char* name, int64_t min_value) {
-  TORCH_CHECK(values.size() == 2, "conv2d: ", name, " must have 2 values (height, width), got ",
+void check_pair(at::IntArrayRef values, const char* op, const char* name, int64_t min_value) {
+  TORCH_CHECK(values.size() == 2, op, ": ", name, " must have 2 values (height, width), got ",
               values.size());
   for (const int64_t v : values) {
-    TORCH_CHECK(v >= min_value, "conv2d: ", name, " must be >= ", min_value, ", got ", values);
+    TORCH_CHECK(v >= min_value, op, ": ", name, " must be >= ", min_value, ", got ", values);
   }
+}
+
+void check_input_and_weight(const at::Tensor& input, const at::Tensor& weight, const char* op,
+                            const char* weight_layout) {
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got shape ",
+              input.sizes());
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D ", weight_layout, ", got shape ",
+              weight.sizes());
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), op,
+              ": input and weight must have the same dtype, got ", input.scalar_type(), " and ",
+              weight.scalar_type());
+  TORCH_CHECK(input.device() == weight.device(), op,
+              ": input and weight must be on the same device, got ", input.device(), " and ",
+              weight.device());
 }
 
 }  // namespace
@@ -26,30 +41,30 @@ void check_pair(at::IntArrayRef values, const char* name, int64_t min_value) {
 Conv2dShape conv2d_shape(const at::Tensor& input, const at::Tensor& weight,
                          at::IntArrayRef stride, at::IntArrayRef padding,
                          at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(input.dim() == 4, "conv2d: input must be 4-D (N, C, H, W), got shape ",
-              input.sizes());
-  TORCH_CHECK(weight.dim() == 4,
-              "conv2d: weight must be 4-D (C_out, C_in/groups, kH, kW), got shape ",
-              weight.sizes());
-  TORCH_CHECK(input.scalar_type() == weight.scalar_type(),
-              "conv2d: input and weight must have the same dtype, got ", input.scalar_type(),
-              " and ", weight.scalar_type());
-  TORCH_CHECK(input.device() == weight.device(),
-              "conv2d: input and weight must be on the same device, got ", input.device(),
-              " and ", weight.device());
-  check_pair(stride, "stride", 1);
-  check_pair(padding, "padding", 0);
-  check_pair(dilation, "dilation", 1);
+  check_input_and_weight(input, weight, "conv2d", "(C_out, C_in/groups, kH, kW)");
+  return conv2d_shape_from_sizes(input.sizes(), weight.sizes(), stride, padding, dilation,
+                                 groups);
+}
+
+Conv2dShape conv2d_shape_from_sizes(at::IntArrayRef input_sizes, at::IntArrayRef weight_sizes,
+                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(input_sizes.size() == 4 && weight_sizes.size() == 4,
+              "conv2d: input and weight must be 4-D, got shapes ", input_sizes, " and ",
+              weight_sizes);
+  check_pair(stride, "conv2d", "stride", 1);
+  check_pair(padding, "conv2d", "padding", 0);
+  check_pair(dilation, "conv2d", "dilation", 1);
   TORCH_CHECK(groups >= 1, "conv2d: groups must be >= 1, got ", groups);
 
   Conv2dShape s{};
-  s.N = input.size(0);
-  s.C = input.size(1);
-  s.H = input.size(2);
-  s.W = input.size(3);
-  s.K = weight.size(0);
-  s.R = weight.size(2);
-  s.S = weight.size(3);
+  s.N = input_sizes[0];
+  s.C = input_sizes[1];
+  s.H = input_sizes[2];
+  s.W = input_sizes[3];
+  s.K = weight_sizes[0];
+  s.R = weight_sizes[2];
+  s.S = weight_sizes[3];
   s.stride_h = stride[0];
   s.stride_w = stride[1];
   s.pad_h = padding[0];
@@ -61,13 +76,13 @@ Conv2dShape conv2d_shape(const at::Tensor& input, const at::Tensor& weight,
               ") must divide the input channels (", s.C, ")");
   TORCH_CHECK(s.K % groups == 0, "conv2d: groups (", groups,
               ") must divide the output channels (weight.size(0) = ", s.K, ")");
-  TORCH_CHECK(weight.size(1) * groups == s.C, "conv2d: weight.size(1) (", weight.size(1),
+  TORCH_CHECK(weight_sizes[1] * groups == s.C, "conv2d: weight.size(1) (", weight_sizes[1],
               ") times groups (", groups, ") must equal the input channels (", s.C, ")");
   TORCH_CHECK(s.R > 0 && s.S > 0 && s.K > 0, "conv2d: weight must have no zero-sized dimension, got ",
-              weight.sizes());
+              weight_sizes);
   TORCH_CHECK(s.C > 0 && s.H > 0 && s.W > 0,
               "conv2d: input must have non-zero channels, height and width, got shape ",
-              input.sizes());
+              input_sizes);
   const int64_t eff_h = conv_input_extent(1, s.R, s.stride_h, s.dilation_h);
   const int64_t eff_w = conv_input_extent(1, s.S, s.stride_w, s.dilation_w);
   TORCH_CHECK(eff_h <= s.H + 2 * s.pad_h && eff_w <= s.W + 2 * s.pad_w,
@@ -77,6 +92,67 @@ Conv2dShape conv2d_shape(const at::Tensor& input, const at::Tensor& weight,
   s.P = conv_output_size(s.H, s.R, s.stride_h, s.pad_h, s.dilation_h);
   s.Q = conv_output_size(s.W, s.S, s.stride_w, s.pad_w, s.dilation_w);
   return s;
+}
+
+Conv2dShape conv_transpose2d_shape(const at::Tensor& input, const at::Tensor& weight,
+                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef output_padding, at::IntArrayRef dilation,
+                                   int64_t groups) {
+  constexpr const char* op = "conv_transpose2d";
+  check_input_and_weight(input, weight, op, "(C_in, C_out/groups, kH, kW)");
+  check_pair(stride, op, "stride", 1);
+  check_pair(padding, op, "padding", 0);
+  check_pair(output_padding, op, "output_padding", 0);
+  check_pair(dilation, op, "dilation", 1);
+  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  for (int d = 0; d < 2; ++d) {
+    // torch's rule: the extra rows/columns must be ones that stride or dilation leaves unread.
+    TORCH_CHECK(output_padding[d] < stride[d] || output_padding[d] < dilation[d], op,
+                ": output_padding must be smaller than stride or dilation, got output_padding ",
+                output_padding, ", stride ", stride, ", dilation ", dilation);
+  }
+  const int64_t c_in = input.size(1);
+  TORCH_CHECK(weight.size(0) == c_in, op, ": weight.size(0) (", weight.size(0),
+              ") must equal the input channels (", c_in, ")");
+  TORCH_CHECK(c_in % groups == 0, op, ": groups (", groups, ") must divide the input channels (",
+              c_in, ")");
+  TORCH_CHECK(weight.size(1) > 0 && weight.size(2) > 0 && weight.size(3) > 0, op,
+              ": weight must have no zero-sized dimension, got ", weight.sizes());
+  TORCH_CHECK(c_in > 0 && input.size(2) > 0 && input.size(3) > 0, op,
+              ": input must have non-zero channels, height and width, got shape ", input.sizes());
+  int64_t out_size[2];
+  for (int d = 0; d < 2; ++d) {
+    out_size[d] = (input.size(2 + d) - 1) * stride[d] - 2 * padding[d] +
+                  dilation[d] * (weight.size(2 + d) - 1) + output_padding[d] + 1;
+  }
+  TORCH_CHECK(out_size[0] > 0 && out_size[1] > 0, op, ": the output size (", out_size[0], " x ",
+              out_size[1], ") must be positive; padding ", padding, " is too large");
+  const Conv2dShape s = conv2d_shape_from_sizes(
+      {input.size(0), weight.size(1) * groups, out_size[0], out_size[1]}, weight.sizes(), stride,
+      padding, dilation, groups);
+  // P = H_in + output_padding / stride (integer division), and likewise Q.
+  TORCH_CHECK(s.P >= input.size(2) && s.Q >= input.size(3), op, ": internal size mismatch");
+  return s;
+}
+
+at::Tensor conv_transpose2d_padded_input(const at::Tensor& input, const Conv2dShape& s) {
+  const int64_t extra_h = s.P - input.size(2), extra_w = s.Q - input.size(3);
+  if (extra_h == 0 && extra_w == 0) return input;
+  // output_padding >= stride (allowed when dilation is larger): the last output rows are then
+  // reached by the taps of input rows past the end, which a conv2d over the output has as its
+  // own extra output rows. Those rows of the conv2d's grad output are zeros: they add nothing.
+  return at::constant_pad_nd(input, {0, extra_w, 0, extra_h}, 0);
+}
+
+void check_conv_transpose2d_bias(const std::optional<at::Tensor>& bias, const at::Tensor& input,
+                                 const Conv2dShape& s) {
+  if (!bias.has_value() || !bias->defined()) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.C, "conv_transpose2d: bias must have shape (",
+              s.C, ",), got ", bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == input.scalar_type() && bias->device() == input.device(),
+              "conv_transpose2d: bias must match the input's dtype and device (",
+              input.scalar_type(), ", ", input.device(), "), got ", bias->scalar_type(), ", ",
+              bias->device());
 }
 
 void check_conv2d_bias(const std::optional<at::Tensor>& bias, const at::Tensor& input,
@@ -136,4 +212,13 @@ TORCH_LIBRARY_FRAGMENT(cnnops, m) {
       "_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, SymInt[2] stride, "
       "SymInt[2] padding, SymInt[2] dilation, SymInt groups, str algo, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor)");
+  // The transposed convolution is conv2d's grad input, with `input` as the grad output and a
+  // conv2d input of the transposed output's size, so its kernels are conv2d's grad-input ones
+  // (weight (C_in, C_out/groups, kH, kW) is conv2d's (K, C/groups, R, S)). Its backward is a
+  // conv2d forward (grad input) and conv2d's grad weight with grad output and input exchanged,
+  // written in Python (cnnops/ops/conv_transpose2d.py) on the ops above.
+  m.def(
+      "conv_transpose2d(Tensor input, Tensor weight, Tensor? bias, SymInt[2] stride, "
+      "SymInt[2] padding, SymInt[2] output_padding, SymInt[2] dilation, SymInt groups, str algo) "
+      "-> Tensor");
 }

@@ -131,6 +131,27 @@ namespace cnnops {
 Conv2dShape conv2d_shape(const at::Tensor& input, const at::Tensor& weight,
                          at::IntArrayRef stride, at::IntArrayRef padding,
                          at::IntArrayRef dilation, int64_t groups);
+// The same from sizes alone (no dtype or device checks): for a problem whose input is not a
+// tensor at hand, as in conv_transpose2d, whose output is a conv2d's grad input.
+Conv2dShape conv2d_shape_from_sizes(at::IntArrayRef input_sizes, at::IntArrayRef weight_sizes,
+                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups);
+// conv_transpose2d(input, weight) is the grad input of the conv2d (same weight, stride, padding,
+// dilation, groups) whose input has the transposed output's size and whose grad output is
+// `input`. Checks the arguments and returns that conv2d's shape: its input (N, C, H, W) is the
+// transposed output, its output (N, K, P, Q) the transposed input, except that P and Q exceed
+// the input's height and width when output_padding >= stride (see
+// conv_transpose2d_padded_input).
+Conv2dShape conv_transpose2d_shape(const at::Tensor& input, const at::Tensor& weight,
+                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef output_padding, at::IntArrayRef dilation,
+                                   int64_t groups);
+// `input` zero-padded at the bottom and right to (P, Q) of conv_transpose2d_shape, or `input`
+// itself when no padding is needed (the usual case).
+at::Tensor conv_transpose2d_padded_input(const at::Tensor& input, const Conv2dShape& s);
+// Checks that bias is None or a (C_out,) tensor of input's dtype and device.
+void check_conv_transpose2d_bias(const std::optional<at::Tensor>& bias, const at::Tensor& input,
+                                 const Conv2dShape& s);
 void check_conv2d_bias(const std::optional<at::Tensor>& bias, const at::Tensor& input,
                        const Conv2dShape& s);
 void check_conv2d_grad_output(const at::Tensor& grad_output, const at::Tensor& input,

@@ -265,7 +265,8 @@ def gemm_cases(conv2d_kernels, configs):
 def depthwise_cases(conv2d_kernels, configs):
     """The depthwise kernels, with their one block shape each, unspecialised (any layout): the
     forward for every kernel size and stride it has specialisations for (its input tile sized
-    for dilation 1), and once without a staged tile (large dilations); the gradients at 3x3."""
+    for dilation 1), and once without a staged tile (large dilations); the gradients at 3x3,
+    and grad input at 4x4 stride 2 too (conv_transpose2d's up-sampling)."""
     from cnnops.ops.conv2d import depthwise_tile_columns
 
     forward = dict(configs["depthwise_forward"])
@@ -300,6 +301,15 @@ def depthwise_cases(conv2d_kernels, configs):
                     dtype,
                     dict(taps, **configs[name]),
                 )
+        # conv_transpose2d's usual depthwise layer, a learned 2x bilinear up-sampling (4x4,
+        # stride 2), runs the grad-input kernel at a kernel size conv2d's layers do not use.
+        taps = dict(R=4, S=4, STRIDE_H=2, STRIDE_W=2, FP64=False)
+        yield Case(
+            f"depthwise_grad_input-{dtype}-4x4-s2",
+            conv2d_kernels.depthwise_grad_input_kernel,
+            dtype,
+            dict(taps, **configs["depthwise_grad_input"]),
+        )
 
 
 def compile_one(case):

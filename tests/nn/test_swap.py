@@ -233,14 +233,16 @@ def test_roi_modules_swapped_and_match_torchvision():
     align = model.align
     assert (align.output_size, align.sampling_ratio, align.aligned) == (3, 2, True)
     assert type(model.multi) is cnnops.nn.MultiScaleRoIAlign
-    assert "multi" not in [row[0] for row in report.left_alone]
+    assert type(model.up) is cnnops.nn.ConvTranspose2d
+    assert report.left_alone == []
     torch.manual_seed(0)
     x = torch.randn(2, 3, 9, 10)
     for ours, theirs in zip(model(x, _rois()), reference(x, _rois()), strict=True):
         torch.testing.assert_close(ours, theirs)
 
-    assert cnnops.unswap(model) == 3
+    assert cnnops.unswap(model) == 4  # align, pool, multi and up
     assert type(model.multi) is torchvision.ops.MultiScaleRoIAlign
+    assert type(model.up) is torch.nn.ConvTranspose2d
     assert type(model.align) is torchvision.ops.RoIAlign
     assert type(model.pool) is torchvision.ops.RoIPool
 
@@ -491,3 +493,73 @@ def test_roi_modules_take_backend():
         with _OpNames() as ops:
             model[0](*inputs)
         assert ops.names == {f"cnnops::{op}_triton"}, name
+
+
+# ---- ConvTranspose2d ----
+
+
+class UpBlock(torch.nn.Module):
+    """A U-Net decoder step: up-convolution, then a 3x3 convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.grouped_up = torch.nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, groups=4)
+
+    def forward(self, x):
+        y = self.conv(torch.relu(self.up(x)))
+        return self.grouped_up(y, output_size=(2 * y.shape[2], 2 * y.shape[3]))
+
+
+class OwnForwardUp(torch.nn.ConvTranspose2d):
+    def forward(self, input, output_size=None):
+        return super().forward(input, output_size) * 2
+
+
+def test_conv_transpose_swapped_matches_and_unswaps():
+    torch.manual_seed(0)
+    model = UpBlock().double()
+    reference = copy.deepcopy(model)
+    params = list(model.parameters())
+
+    report = cnnops.swap(model, algo="direct")
+
+    assert [row[0] for row in report.swapped] == ["up", "conv", "grouped_up"]
+    assert ("up", "torch.nn.ConvTranspose2d", "cnnops.nn.ConvTranspose2d") in report.swapped
+    assert type(model.up) is cnnops.nn.ConvTranspose2d and model.up.algo == "direct"
+    assert type(model.grouped_up) is cnnops.nn.ConvTranspose2d
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    out, out_ref = model(x), reference(x)
+    assert out.shape == (2, 4, 20, 24)
+    torch.testing.assert_close(out, out_ref)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    grads_ref = torch.autograd.grad(out_ref.square().sum(), list(reference.parameters()))
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want)
+
+    assert cnnops.unswap(model) == 3
+    assert _types(model) == _types(reference)
+    assert not hasattr(model.up, "algo")
+    torch.testing.assert_close(model(x), out_ref)
+
+
+def test_conv_transpose_left_alone_where_cnnops_cannot_serve():
+    model = torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(2, 2, 2).half(),
+        torch.nn.LazyConvTranspose2d(2, 2),
+        OwnForwardUp(2, 2, 2),
+        torch.nn.ConvTranspose2d(4, 4, 3, groups=4),  # depthwise
+        torch.nn.ConvTranspose2d(4, 8, 3, groups=4),  # groups == in_channels, not out_channels
+    )
+    report = cnnops.swap(model, algo="depthwise")
+    reasons = dict((name, reason) for name, _, reason in report.left_alone)
+    assert [row[0] for row in report.swapped] == ["3"]
+    assert "float16" in reasons["0"] and "cpu" in reasons["0"]
+    assert "lazy" in reasons["1"]
+    assert "subclass of torch.nn.ConvTranspose2d with its own forward" in reasons["2"]
+    assert "groups == out_channels" in reasons["4"]
+    assert type(model[0]) is torch.nn.ConvTranspose2d and type(model[2]) is OwnForwardUp
+    again = cnnops.swap(model)
+    assert ("3", "cnnops.nn.ConvTranspose2d", "already a cnnops module") in again.left_alone

@@ -402,13 +402,13 @@ at::Tensor column_blocks(const at::Tensor& col, const Conv2dShape& s, bool chann
                        : col.view({s.groups, -1, col.size(1)});
 }
 
-at::Tensor column_buffer(const at::Tensor& input, const Conv2dShape& s, const std::vector<Tile>& tiles) {
+at::Tensor column_buffer(const at::TensorOptions& options, const Conv2dShape& s, const std::vector<Tile>& tiles) {
   int64_t most = 0;
   for (const Tile& t : tiles) {
     most = std::max(most, (t.n1 - t.n0) * (t.band.p1 - t.band.p0) * s.Q * s.C *
                               (t.band.r_hi - t.band.r_lo) * s.S);
   }
-  return at::empty({is_pointwise(s) ? 0 : most}, input.options());
+  return at::empty({is_pointwise(s) ? 0 : most}, options);
 }
 
 // Caches the packed weight for each kernel-row range the bands use (usually one, at most a few).
@@ -465,7 +465,7 @@ void conv2d_im2col_forward_blocks(const at::Tensor& input, const at::Tensor& wei
     if (cb.r_lo < cb.r_hi) narrowest = std::min(narrowest, cb.p1 - cb.p0);
   }
   const std::vector<Tile> tiles = plan_tiles(s, /*channels_last=*/false, sizeof(T), narrowest);
-  at::Tensor buffer = column_buffer(input, s, tiles);
+  at::Tensor buffer = column_buffer(input.options(), s, tiles);
   PackedWeights packed(weight, s, /*channels_last=*/false);
   for (const Tile& t : tiles) {
     if (t.band.r_lo == t.band.r_hi) continue;
@@ -598,7 +598,7 @@ void conv2d_im2col_forward(const at::Tensor& input, const at::Tensor& weight, at
     }
   }
   const std::vector<Tile> tiles = plan_tiles(s, channels_last, sizeof(T), s.Q);
-  at::Tensor buffer = column_buffer(input, s, tiles);
+  at::Tensor buffer = column_buffer(input.options(), s, tiles);
   PackedWeights packed(weight, s, channels_last);
   for (const Tile& t : tiles) {
     if (t.band.r_lo == t.band.r_hi) continue;  // all padding: the output is the bias
@@ -614,12 +614,13 @@ void conv2d_im2col_forward(const at::Tensor& input, const at::Tensor& weight, at
   }
 }
 
+// grad_in and grad_w are computed where defined; input is read only for grad_w.
 template <typename T>
 void conv2d_im2col_backward(const at::Tensor& grad_out, const at::Tensor& input,
                             const at::Tensor& weight, at::Tensor& grad_in, at::Tensor& grad_w,
                             const Conv2dShape& s, bool channels_last) {
   const std::vector<Tile> tiles = plan_tiles(s, channels_last, sizeof(T), s.Q);
-  at::Tensor buffer = column_buffer(input, s, tiles);
+  at::Tensor buffer = column_buffer(weight.options(), s, tiles);
   PackedWeights packed(weight, s, channels_last);
   std::map<std::pair<int64_t, int64_t>, at::Tensor> packed_grads;
   for (const Tile& t : tiles) {
@@ -629,7 +630,7 @@ void conv2d_im2col_backward(const at::Tensor& grad_out, const at::Tensor& input,
       auto key = std::make_pair(t.band.r_lo, t.band.r_hi);
       auto it = packed_grads.find(key);
       if (it == packed_grads.end()) {
-        it = packed_grads.emplace(key, at::zeros({s.groups, s.outputs_per_group(), s.channels_per_group() * nr * s.S}, input.options())).first;
+        it = packed_grads.emplace(key, at::zeros({s.groups, s.outputs_per_group(), s.channels_per_group() * nr * s.S}, weight.options())).first;
       }
       at::Tensor col = columns_for_tile<T>(input, buffer, s, t, channels_last);
       at::Tensor go = output_blocks(grad_out, s, t, channels_last);
@@ -1443,7 +1444,7 @@ CNNOPS_AVX512 void depthwise_nhwc_grad_weight_avx512(const T* go, const T* in, T
 #endif
 
 // grad_output and input channels_last; grad_in (channels_last) and grad_w ((C, 1, R, S),
-// contiguous) are written where defined. One filter per channel.
+// contiguous) are written where defined, input read only for grad_w. One filter per channel.
 template <typename T>
 void conv2d_depthwise_nhwc_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                                     at::Tensor& grad_in, at::Tensor& grad_w, const Conv2dShape& s) {
@@ -1775,15 +1776,72 @@ bool grad_input_is_a_forward_conv(const Conv2dShape& s) {
 }
 
 at::Tensor grad_input_by_forward_conv(const at::Tensor& grad_output, const at::Tensor& weight,
-                                      const Conv2dShape& s, at::IntArrayRef dilation) {
+                                      const Conv2dShape& s) {
   const int64_t kg = s.outputs_per_group(), cg = s.channels_per_group();
   const at::Tensor flipped = weight.view({s.groups, kg, cg, s.R, s.S})
                                  .transpose(1, 2)
                                  .flip({3, 4})
                                  .reshape({s.C, kg, s.R, s.S});
   const std::vector<int64_t> padding{s.dilation_h * (s.R - 1) - s.pad_h, s.dilation_w * (s.S - 1) - s.pad_w};
+  const std::vector<int64_t> dilation{s.dilation_h, s.dilation_w};
   // "auto": the direct kernel, or for a channels_last depthwise layer the NHWC one.
   return conv2d_cpu(grad_output, flipped, std::nullopt, {1, 1}, padding, dilation, s.groups, "auto");
+}
+
+// How grad input is computed; the choices for algo="auto" are explained in conv2d_backward_cpu.
+enum class GradInputPath { by_forward_conv, depthwise_nhwc, im2col, direct };
+
+// A channels_last depthwise layer with one filter per channel: its backward stays in NHWC.
+bool backward_in_nhwc(const Conv2dShape& s, at::MemoryFormat fmt, c10::string_view algo) {
+  return (algo == "auto" || algo == "depthwise") && is_depthwise(s) && s.K == s.C &&
+         fmt == at::MemoryFormat::ChannelsLast;
+}
+
+bool backward_by_im2col(const Conv2dShape& s, c10::string_view algo) {
+  return algo == "im2col" || ((algo == "auto" || algo == "depthwise") && s.channels_per_group() > 1);
+}
+
+GradInputPath grad_input_path(const Conv2dShape& s, at::MemoryFormat fmt, c10::string_view algo) {
+  if ((algo == "auto" || algo == "depthwise") && grad_input_is_a_forward_conv(s)) {
+    return GradInputPath::by_forward_conv;
+  }
+  if (backward_in_nhwc(s, fmt, algo)) return GradInputPath::depthwise_nhwc;
+  return backward_by_im2col(s, algo) ? GradInputPath::im2col : GradInputPath::direct;
+}
+
+// conv2d's grad input, (N, C, H, W) in `fmt`, from the grad output (N, K, P, Q) and the weight:
+// the geometry comes from `s`, not from an input tensor, so that conv_transpose2d (whose output
+// this is) needs none. Arguments are checked by the callers.
+at::Tensor conv2d_grad_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight,
+                                 const Conv2dShape& s, at::MemoryFormat fmt, c10::string_view algo) {
+  const GradInputPath path = grad_input_path(s, fmt, algo);
+  if (path == GradInputPath::by_forward_conv && s.N > 0) {
+    return grad_input_by_forward_conv(grad_output, weight, s).contiguous(fmt);
+  }
+  // The other paths add into grad input; the NHWC depthwise gather writes every element of it.
+  at::Tensor grad_in = at::empty({s.N, s.C, s.H, s.W}, weight.options().memory_format(fmt));
+  if (path != GradInputPath::depthwise_nhwc) grad_in.zero_();
+  if (s.N == 0) return grad_in;
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "conv2d_grad_input_cpu", [&] {
+    at::Tensor no_grad_w;
+    if (path == GradInputPath::depthwise_nhwc) {
+      conv2d_depthwise_nhwc_backward<scalar_t>(grad_output.contiguous(fmt), at::Tensor(), weight.contiguous(),
+                                               grad_in, no_grad_w, s);
+    } else if (path == GradInputPath::im2col) {
+      const at::MemoryFormat work = im2col_work_format(s, fmt);
+      at::Tensor gi = work == fmt ? grad_in : at::zeros_like(grad_in, grad_in.options().memory_format(work));
+      conv2d_im2col_backward<scalar_t>(grad_output.contiguous(work), at::Tensor(), weight.contiguous(), gi,
+                                       no_grad_w, s, work == at::MemoryFormat::ChannelsLast);
+      if (!gi.is_same(grad_in)) grad_in.copy_(gi);
+    } else {
+      at::Tensor gi = grad_in.contiguous();
+      conv2d_direct_grad_input<scalar_t>(grad_output.contiguous().const_data_ptr<scalar_t>(),
+                                         weight.contiguous().const_data_ptr<scalar_t>(),
+                                         gi.data_ptr<scalar_t>(), s);
+      if (!gi.is_same(grad_in)) grad_in.copy_(gi);
+    }
+  });
+  return grad_in;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
@@ -1803,31 +1861,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   // small to pay for its column matrix, and the direct loops were 1.2-7x faster.
   // A channels_last depthwise layer (one filter per channel) stays in NHWC: grad input on the
   // NHWC forward kernel at stride 1, else by the NHWC gather, and grad weight by the NHWC sums.
+  // (Grad input's choice is grad_input_path's, shared with conv_transpose2d.)
   const bool by_default = algo == "auto" || algo == "depthwise";
   const at::MemoryFormat fmt = conv2d_memory_format(input);
-  const bool depthwise_nhwc = by_default && is_depthwise(s) && s.K == s.C && fmt == at::MemoryFormat::ChannelsLast;
-  const bool grad_in_by_forward = by_default && output_mask[0] && grad_input_is_a_forward_conv(s);
+  const bool depthwise_nhwc = backward_in_nhwc(s, fmt, algo);
   const bool grad_w_by_tiles = by_default && output_mask[1] && use_grouped_grad_weight(s) && !depthwise_nhwc;
-  const bool use_im2col = algo == "im2col" || (by_default && s.channels_per_group() > 1);
-  const bool rest_of_grad_in = output_mask[0] && !grad_in_by_forward;
+  const bool use_im2col = backward_by_im2col(s, algo);
   const bool rest_of_grad_w = output_mask[1] && !grad_w_by_tiles;
-  // The other paths add into grad input; the NHWC depthwise gather writes every element of it.
+  // When both gradients go through im2col, one pass over the tiles computes them together: the
+  // grad output (and its conversion to the work format) is shared.
+  const bool fused_im2col =
+      output_mask[0] && rest_of_grad_w && grad_input_path(s, fmt, algo) == GradInputPath::im2col;
   at::Tensor grad_in = !output_mask[0] ? at::empty({0}, input.options())
-                       : grad_in_by_forward && s.N > 0
-                           ? grad_input_by_forward_conv(grad_output, weight, s, dilation).contiguous(fmt)
-                       : depthwise_nhwc ? at::empty_like(input, input.options().memory_format(fmt))
-                                        : at::zeros_like(input, input.options().memory_format(fmt));
+                       : fused_im2col  ? at::zeros_like(input, input.options().memory_format(fmt))
+                                       : conv2d_grad_input_cpu(grad_output, weight, s, fmt, algo);
   at::Tensor grad_w = output_mask[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
                                      : at::empty({0}, input.options());
   at::Tensor grad_b = output_mask[2] ? at::zeros({s.K}, input.options()) : at::empty({0}, input.options());
-  if (s.N == 0) return {grad_in, grad_w, grad_b};
+  if (s.N == 0 || (!rest_of_grad_w && !grad_w_by_tiles && !output_mask[2])) return {grad_in, grad_w, grad_b};
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_backward_cpu", [&] {
     if (depthwise_nhwc) {
       const at::Tensor go = grad_output.contiguous(fmt);
-      at::Tensor gi = rest_of_grad_in ? grad_in : at::Tensor();
+      at::Tensor no_grad_in;
       at::Tensor gw = rest_of_grad_w ? grad_w : at::Tensor();
-      conv2d_depthwise_nhwc_backward<scalar_t>(go, input.contiguous(fmt), weight.contiguous(), gi, gw, s);
+      if (gw.defined()) {
+        conv2d_depthwise_nhwc_backward<scalar_t>(go, input.contiguous(fmt), weight.contiguous(), no_grad_in, gw, s);
+      }
       if (output_mask[2]) conv2d_grad_bias<scalar_t>(go, grad_b, s, true);
       return;
     }
@@ -1839,7 +1899,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       const bool work_channels_last = work == at::MemoryFormat::ChannelsLast;
       const at::Tensor go = grad_output.contiguous(work);
       at::Tensor gi;
-      if (rest_of_grad_in) {
+      if (fused_im2col) {
         gi = work == fmt ? grad_in : at::zeros_like(grad_in, grad_in.options().memory_format(work));
       }
       at::Tensor gw = rest_of_grad_w ? grad_w : at::Tensor();
@@ -1851,13 +1911,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       if (output_mask[2]) conv2d_grad_bias<scalar_t>(go, grad_b, s, work_channels_last);
     } else {
       const at::Tensor go = grad_output.contiguous();
-      if (rest_of_grad_in) {
-        at::Tensor gi = grad_in.contiguous();
-        conv2d_direct_grad_input<scalar_t>(go.const_data_ptr<scalar_t>(),
-                                           weight.contiguous().const_data_ptr<scalar_t>(),
-                                           gi.data_ptr<scalar_t>(), s);
-        if (!gi.is_same(grad_in)) grad_in.copy_(gi);
-      }
       if (rest_of_grad_w) {
         conv2d_direct_grad_weight<scalar_t>(go.const_data_ptr<scalar_t>(),
                                             input.contiguous().const_data_ptr<scalar_t>(),
@@ -1869,10 +1922,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   return {grad_in, grad_w, grad_b};
 }
 
+// conv_transpose2d is conv2d's grad input (csrc/ops/conv2d.cpp): `input` is the grad output of
+// the conv2d whose input has the transposed output's shape.
+at::Tensor conv_transpose2d_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                at::IntArrayRef dilation, int64_t groups, c10::string_view algo) {
+  check_cpu(input, "input");
+  check_cpu(weight, "weight");
+  const Conv2dShape s = conv_transpose2d_shape(input, weight, stride, padding, output_padding, dilation, groups);
+  check_conv_transpose2d_bias(bias, input, s);
+  check_conv2d_algo(algo, {"auto", "direct", "im2col", "depthwise"}, "cpu");
+  check_conv2d_depthwise_algo(algo, s);
+  at::Tensor out = conv2d_grad_input_cpu(conv_transpose2d_padded_input(input, s), weight, s,
+                                         conv2d_memory_format(input), algo);
+  if (bias.has_value() && bias->defined() && out.numel() > 0) out.add_(bias->view({1, -1, 1, 1}));
+  return out;
+}
+
 }  // namespace
 }  // namespace cnnops
 
 TORCH_LIBRARY_IMPL(cnnops, CPU, m) {
   m.impl("conv2d", &cnnops::conv2d_cpu);
   m.impl("_conv2d_backward", &cnnops::conv2d_backward_cpu);
+  m.impl("conv_transpose2d", &cnnops::conv_transpose2d_cpu);
 }

@@ -1399,7 +1399,7 @@ void im2col_forward(const at::Tensor& input, const at::Tensor& weight, const at:
 }
 
 // Returns grad weight (contiguous, weight's shape) if need_grad_weight, and fills grad_input if
-// it is defined.
+// it is defined; input is read only for grad weight.
 template <typename scalar_t>
 at::Tensor im2col_backward(const at::Tensor& grad_output, const at::Tensor& input,
                            const at::Tensor& weight, at::Tensor& grad_input, bool need_grad_weight,
@@ -1413,7 +1413,7 @@ at::Tensor im2col_backward(const at::Tensor& grad_output, const at::Tensor& inpu
   // after every chunk would make the error grow with the number of chunks.
   constexpr bool kLowPrecision = !std::is_same<scalar_t, acc_t>::value;
   const at::Tensor w3t = weight.contiguous().view({G, Kg, CgRS}).transpose(1, 2);
-  at::Tensor col_buf = at::empty({CRS * nb_max * PQ}, input.options());
+  at::Tensor col_buf = at::empty({CRS * nb_max * PQ}, weight.options());
   at::Tensor gw_acc;
   for (int64_t n0 = 0; n0 < cs.N; n0 += nb_max) {
     const int64_t nb = std::min(nb_max, cs.N - n0);
@@ -1520,6 +1520,26 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
   return output;
 }
 
+// conv2d's grad input into grad_input ((N, C, H, W), every element written), from the grad
+// output (N, K, P, Q) and the weight: the geometry comes from `cs`, not from an input tensor, so
+// that conv_transpose2d (whose output this is) needs none.
+template <typename scalar_t>
+void conv2d_grad_input_cuda(const at::Tensor& grad_output, const at::Tensor& weight,
+                            at::Tensor& grad_input, const Conv2dShape& cs, CudaAlgo algo,
+                            bool channels_last, cudaStream_t stream) {
+  switch (algo) {
+    case CudaAlgo::im2col:
+      im2col_backward<scalar_t>(grad_output, at::Tensor(), weight, grad_input, false, cs, stream);
+      break;
+    case CudaAlgo::depthwise:
+      depthwise_grad_input<scalar_t>(grad_output, weight, grad_input, cs, channels_last, stream);
+      break;
+    case CudaAlgo::direct:
+      direct_grad_input<scalar_t>(grad_output, weight, grad_input, cs, channels_last, stream);
+      break;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -1552,26 +1572,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
           grad_bias_t = at::empty({cs.K}, input.options());
           grad_bias<scalar_t>(grad_output, grad_bias_t, cs, stream);
         }
-        if (resolved == CudaAlgo::im2col) {
-          if (output_mask[0] || output_mask[1]) {
-            grad_weight = im2col_backward<scalar_t>(grad_output, input, weight, grad_input,
-                                                    output_mask[1], cs, stream);
-          }
+        if (resolved == CudaAlgo::im2col && output_mask[1]) {
+          // One pass for both gradients (grad_input may be undefined): each chunk's grad output
+          // copy and column buffer serve the two GEMMs.
+          grad_weight = im2col_backward<scalar_t>(grad_output, input, weight, grad_input, true,
+                                                  cs, stream);
           return;
         }
-        const bool depthwise = resolved == CudaAlgo::depthwise;
         if (output_mask[0]) {
-          if (depthwise) {
-            depthwise_grad_input<scalar_t>(grad_output, weight, grad_input, cs, channels_last,
-                                           stream);
-          } else {
-            direct_grad_input<scalar_t>(grad_output, weight, grad_input, cs, channels_last,
-                                        stream);
-          }
+          conv2d_grad_input_cuda<scalar_t>(grad_output, weight, grad_input, cs, resolved,
+                                           channels_last, stream);
         }
         if (output_mask[1]) {
           grad_weight = at::empty(weight.sizes(), weight.options());
-          if (depthwise) {
+          if (resolved == CudaAlgo::depthwise) {
             depthwise_grad_weight<scalar_t>(grad_output, input, grad_weight, cs, channels_last,
                                             stream);
           } else {
@@ -1582,10 +1596,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   return finish_backward(grad_input, grad_weight, grad_bias_t, input, output_mask);
 }
 
+// conv_transpose2d is conv2d's grad input (csrc/ops/conv2d.cpp): `input` is the grad output of
+// the conv2d whose input has the transposed output's shape.
+at::Tensor conv_transpose2d_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                 at::IntArrayRef dilation, int64_t groups,
+                                 c10::string_view algo) {
+  const Conv2dShape cs =
+      conv_transpose2d_shape(input, weight, stride, padding, output_padding, dilation, groups);
+  check_conv_transpose2d_bias(bias, input, cs);
+  const CudaAlgo resolved = resolve_cuda_algo(algo, cs);
+  check_cuda_tensor(input, "input", input);
+  check_cuda_tensor(weight, "weight", input);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) check_cuda_tensor(*bias, "bias", input);
+
+  c10::cuda::CUDAGuard guard(input.device());
+  const at::MemoryFormat fmt = conv2d_memory_format(input);
+  at::Tensor output = at::empty({cs.N, cs.C, cs.H, cs.W}, input.options().memory_format(fmt));
+  if (cs.N == 0) return output;  // a zero-size grid is a launch error
+
+  const at::Tensor grad_output = conv_transpose2d_padded_input(input, cs);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "cnnops_conv_transpose2d_cuda", [&] {
+        conv2d_grad_input_cuda<scalar_t>(grad_output, weight, output, cs, resolved,
+                                         fmt == at::MemoryFormat::ChannelsLast, stream);
+      });
+  if (has_bias) output.add_(bias->view({1, -1, 1, 1}));
+  return output;
+}
+
 }  // namespace
 }  // namespace cnnops
 
 TORCH_LIBRARY_IMPL(cnnops, CUDA, m) {
   m.impl("conv2d", TORCH_FN(cnnops::conv2d_cuda));
   m.impl("_conv2d_backward", TORCH_FN(cnnops::conv2d_backward_cuda));
+  m.impl("conv_transpose2d", TORCH_FN(cnnops::conv_transpose2d_cuda));
 }

@@ -593,7 +593,7 @@ void conv2d_im2col_forward(const at::Tensor& input, const at::Tensor& weight,
     // tile loop below would do the same GEMMs, but at batch 1 its views and packing cost ~15 us
     // a layer, 8% of a small 1x1 layer's time.
     if (has_bias) fill_bias(out, bias);
-    const at::Tensor w = weight.view({s.K, s.C});
+    const at::Tensor w = weight.reshape({s.K, s.C});
     if (channels_last) {
       pixel_matrix(out, s).addmm_(pixel_matrix(input, s), w.t(), beta);
       return;
@@ -1788,7 +1788,9 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     } else if (use_im2col) {
       const at::MemoryFormat work = im2col_work_format(s, fmt);
       at::Tensor result = work == fmt ? out : at::empty_like(out, out.options().memory_format(work));
-      conv2d_im2col_forward<scalar_t>(input.contiguous(work), weight.contiguous(), bias, result, s,
+      // The weight goes as it is: the im2col paths pack it into their own layout, which for a
+      // channels_last model's weights (K, R, S, C) is a copy-free permute.
+      conv2d_im2col_forward<scalar_t>(input.contiguous(work), weight, bias, result, s,
                                       work == at::MemoryFormat::ChannelsLast);
       if (!result.is_same(out)) out.copy_(result);
     } else {

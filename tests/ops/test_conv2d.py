@@ -149,6 +149,21 @@ def test_im2col_forward_in_cache_tiles(shape, k, stride, padding, dilation, dtyp
     assert_close_to_reference(out, ref, shape[1] * 9)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_auto_tiles_from_one_tile_of_output_pixels(bias, inference_mode):
+    """algo="auto" tiles a dense NCHW layer once a sample's output fills a tile (48 x 48 >= 2048
+    pixels), also under torch.inference_mode(), whose state the tiles' worker threads must carry
+    (an in-place op on an inference tensor outside it raises)."""
+    x = torch.randn(2, 24, 48, 48)
+    w = torch.randn(8, 24, 3, 3)
+    b = torch.randn(8) if bias else None
+    with torch.inference_mode(inference_mode):
+        out = cnnops.conv2d(x, w, b, 1, 1)
+    ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), 1, 1)
+    assert_close_to_reference(out, ref, 24 * 9)
+
+
 def test_autograd_only_where_a_gradient_can_flow():
     """Calls that need no gradient skip the autograd kernel; those that do get a grad_fn."""
     x, w, b = make_problem(CASES[2].values[0], torch.float32)

@@ -27,6 +27,7 @@
 #include <atomic>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -547,7 +548,13 @@ void conv2d_im2col_forward_tiled(const at::Tensor& input, const at::Tensor& weig
   // Tiles differ in cost (a corner block has 4 taps, the centre 9): threads take the next tile
   // from a shared counter rather than a fixed share.
   std::atomic<int64_t> next{0};
+  // The tiles run tensor ops on the pool's threads, which do not inherit the caller's
+  // InferenceMode: under torch.inference_mode() `out` is an inference tensor, and an in-place op
+  // on it outside that mode raises.
+  const bool inference_mode = c10::InferenceMode::is_enabled();
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::optional<c10::InferenceMode> inference_guard;
+    if (inference_mode) inference_guard.emplace();
     at::Tensor col = at::empty({chunk_c * widest}, input.options());
     at::Tensor scratch = at::empty({s.K * widest}, input.options());
     Conv2dShape chunk_shape = s;
@@ -610,7 +617,12 @@ void conv2d_im2col_forward(const at::Tensor& input, const at::Tensor& weight,
     // Blocks pay for their narrower GEMMs only when they skip at least a third of the work
     // (measured on the GEMM path: ASPP at dilation 36 gains, at 12 loses).
     const bool skips_columns = 3 * column_taps <= 2 * s.Q * s.S;
-    const bool large = s.C * s.R * s.S * s.P * s.Q * int64_t{sizeof(T)} > kColumnBufferBytes;
+    // Cache-sized tiles when the column matrix would not fit the buffer, and whenever a sample's
+    // output fills at least one tile: a 56 x 56 ResNet layer's column matrix (7 MB) spills the
+    // L2 between im2col and the GEMM, and tiles measured 1.3x faster at batch 8 and 1.4x at
+    // batch 1 (2 threads). At 28 x 28 they were even, at 14 x 14 slower (see the tiled path).
+    const bool large = s.C * s.R * s.S * s.P * s.Q * int64_t{sizeof(T)} > kColumnBufferBytes ||
+                       s.P * s.Q >= kTilePixels;
     if (s.groups == 1 && (large || skips_columns)) {
       fill_bias(out, bias);  // the GEMMs accumulate onto it
       conv2d_im2col_forward_tiled<T>(input, weight, out, s, column_bands);
@@ -1743,7 +1755,13 @@ void conv2d_grad_bias(const at::Tensor& grad_out, at::Tensor& grad_bias, const C
 // cheap next to those GEMMs.
 at::MemoryFormat im2col_work_format(const Conv2dShape& s, at::MemoryFormat fmt) {
   constexpr int64_t kThinGemmColumns = 256;  // measured: 28x28 (784) is faster per sample in NCHW
-  if (fmt == at::MemoryFormat::Contiguous && s.N > 1 && s.P * s.Q < kThinGemmColumns) {
+  // A 1x1 layer has no column matrix to build, so NCHW's per-sample GEMMs pay only their
+  // thinness, less than the two layout copies until 7x7: ResNet-50's 14x14 1x1 layers at batch 8
+  // took 2.3-2.5 ms in NCHW against 2.8-3.0 ms through NHWC, its 7x7 ones 3.3-3.7 against
+  // 2.5-2.7 ms (2 threads).
+  constexpr int64_t kThinPointwiseColumns = 128;
+  const int64_t thin = is_pointwise(s) ? kThinPointwiseColumns : kThinGemmColumns;
+  if (fmt == at::MemoryFormat::Contiguous && s.N > 1 && s.P * s.Q < thin) {
     return at::MemoryFormat::ChannelsLast;
   }
   return fmt;
@@ -1771,14 +1789,16 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   // reads the input once. So does a dense layer with few input channels (a network's stem: 3
   // channels in, 7x7 or 3x3): its GEMM is as thin as its column matrix is large, and direct
   // measured 1.1-1.6x faster up to 16 channels (ResNet's 7x7 stem at batch 1 and 8, MobileNet's
-  // 3x3 stems, 1 thread). Other dense convolutions are GEMM-shaped and go to the BLAS through
+  // 3x3 stems, 1 thread, NCHW). Other dense convolutions are GEMM-shaped and go to the BLAS through
   // im2col, as do all 1x1 layers, whose input is their column matrix.
   // A depthwise layer runs the depthwise kernels: in channels_last the NHWC one, in NCHW the
   // direct kernel, whose tiles are one channel's there.
   constexpr int64_t kMaxDirectDenseChannels = 16;
-  const bool use_im2col = algo == "im2col" || (algo == "auto" && s.groups == 1 &&
-                                               (s.C > kMaxDirectDenseChannels || is_pointwise(s)));
   const at::MemoryFormat fmt = conv2d_memory_format(input);
+  // (In NCHW only: direct computes in NCHW, and a channels_last stem would pay two layout copies.)
+  const bool dense_direct = s.C <= kMaxDirectDenseChannels && !is_pointwise(s) &&
+                            fmt == at::MemoryFormat::Contiguous;
+  const bool use_im2col = algo == "im2col" || (algo == "auto" && s.groups == 1 && !dense_direct);
   const bool depthwise_nhwc = (algo == "auto" || algo == "depthwise") && is_depthwise(s) && s.K == s.C &&
                               fmt == at::MemoryFormat::ChannelsLast;
   at::Tensor out = at::empty({s.N, s.K, s.P, s.Q}, input.options().memory_format(fmt));

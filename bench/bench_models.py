@@ -180,4 +180,3 @@ def build_cases(device, *, sets=None, batches=None, channels_last=False, backwar
             for batch in model_batches:
                 cases.append(make_case(set_name, spec, batch, device, providers, memory_format))
     return cases, notes
-

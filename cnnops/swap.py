@@ -327,7 +327,11 @@ def unswap(model):
     for module, _ in _modules_by_identity(model).values():
         cls = type(module)
         if module is model or cls not in (
-            Conv2d, ConvTranspose2d, RoIAlign, RoIPool, MultiScaleRoIAlign
+            Conv2d,
+            ConvTranspose2d,
+            RoIAlign,
+            RoIPool,
+            MultiScaleRoIAlign,
         ):
             continue
         if cls not in targets and tv is None:

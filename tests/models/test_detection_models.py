@@ -15,7 +15,7 @@ import functools
 import pytest
 import torch
 import torchvision
-from torch.utils._python_dispatch import TorchDispatchMode
+from op_counter import OpCounter
 
 import cnnops
 
@@ -60,20 +60,6 @@ IMAGE_SIZES = {
 # zero (a batch norm's bias when another batch norm follows).
 FLOAT64_RTOL = 1e-7
 FLOAT64_ATOL = 1e-9
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the cnnops:: and torchvision:: ops that run inside the block, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("cnnops", "torchvision"):
-            key = f"{func.namespace}::{func._opname}"
-            self.counts[key] = self.counts.get(key, 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 @functools.cache

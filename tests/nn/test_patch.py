@@ -10,8 +10,8 @@ import types
 import pytest
 import torch
 import torchvision
+from op_counter import OpCounter
 from roi_cases import problem
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cnnops
 
@@ -35,23 +35,6 @@ CALL_SITES = [
 
 def _site(module, name):
     return getattr(importlib.import_module(module), name)
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the cnnops:: and torchvision:: ops that run inside the block, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("cnnops", "torchvision"):
-            key = f"{func.namespace}::{func._opname}"
-            self.counts[key] = self.counts.get(key, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-    def namespaces(self):
-        return {key.split("::")[0] for key in self.counts}
 
 
 @pytest.fixture(autouse=True)

@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 import torchvision
+from op_counter import OpCounter
 from roi_cases import problem as roi_problem
 from tolerance import assert_close_to_reference
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cnnops
 
@@ -305,19 +305,6 @@ def test_model_itself_is_not_replaced():
 # ---- RoI modules: backend, MultiScaleRoIAlign ---------------------------------------------
 
 
-class _OpNames(TorchDispatchMode):
-    """The names of the cnnops:: and torchvision:: ops run inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("cnnops", "torchvision"):
-            self.names.add(f"{func.namespace}::{func._opname}")
-        return func(*args, **(kwargs or {}))
-
-
 def _pyramid(dtype, extra=True):
     """FPN-like features of a batch padded to 384 x 320 (strides 4, 8, 16) in an OrderedDict
     whose order differs from featmap_names, with a map that is not pooled; boxes of every
@@ -367,7 +354,7 @@ def test_multiscale_roi_align_matches_torchvision(
     leaves = {name: [v.clone().requires_grad_() for v in x.values()] for name in ("ours", "theirs")}
     outputs = {}
     for name, module in (("ours", ours), ("theirs", theirs)):
-        with _OpNames() as ops:
+        with OpCounter() as ops:
             outputs[name] = module(dict(zip(x, leaves[name], strict=True)), boxes, image_shapes)
         expected_ops = {"ours": {"cnnops::roi_align"}, "theirs": {"torchvision::roi_align"}}
         assert ops.names == expected_ops[name]
@@ -407,7 +394,7 @@ def test_multiscale_roi_align_swap_keeps_inferred_scales():
     assert type(swapped) is cnnops.nn.MultiScaleRoIAlign and swapped.backend == "cpu"
     assert swapped.scales is scales and swapped.map_levels is mapper
     # Other image sizes would infer other scales: the kept ones are used, as torchvision does.
-    with _OpNames() as ops:
+    with OpCounter() as ops:
         got = swapped(x, boxes, [(100, 100)])
     assert ops.names == {"cnnops::roi_align"}
     torch.testing.assert_close(got, reference)
@@ -482,7 +469,7 @@ def test_roi_modules_take_backend():
         assert repr(getattr(cnnops.nn, name)(*args)) == repr(theirs)
         ours = getattr(cnnops.nn, name)(*args, backend="triton")
         assert "backend='triton'" in repr(ours)
-        with _OpNames() as ops:
+        with OpCounter() as ops:
             got = ours(*inputs)
         assert ops.names == {f"cnnops::{op}_triton"}, name
         torch.testing.assert_close(got, expected)
@@ -490,7 +477,7 @@ def test_roi_modules_take_backend():
         model = torch.nn.Sequential(theirs)
         cnnops.swap(model, backend="triton")
         assert model[0].backend == "triton"
-        with _OpNames() as ops:
+        with OpCounter() as ops:
             model[0](*inputs)
         assert ops.names == {f"cnnops::{op}_triton"}, name
 

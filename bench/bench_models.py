@@ -62,14 +62,15 @@ def calibrate_batch_norms(module, size=224):
     layer (MobileNetV2's logits to ~1e-13), and the float64 check would pass whatever the
     convolutions computed."""
     norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average: after one batch, that batch's statistics
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         module.train()(torch.randn(2, 3, size, size, generator=generator))
-    for norm in norms:
-        norm.momentum = 0.1
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
 
 
 def run_model(model, patched):

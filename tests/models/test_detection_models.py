@@ -16,6 +16,7 @@ import pytest
 import torch
 import torchvision
 from op_counter import OpCounter
+from swap_checks import calibrate_batch_norm
 
 import cnnops
 
@@ -66,24 +67,11 @@ FLOAT64_ATOL = 1e-9
 def _built(name):
     torch.manual_seed(0)
     model = getattr(detection, name)(weights=None, weights_backbone=None, **MODELS[name])
-    _calibrate_batch_norms(model.backbone, IMAGE_SIZES[name][0])
+    # Random-weight MobileNetV3's activations shrink ~10x a block with fresh statistics, to 1e-9
+    # at its end; every box would then get the same scores and the comparisons show little.
+    images = torch.randn(2, 3, *IMAGE_SIZES[name][0], generator=torch.Generator().manual_seed(4))
+    calibrate_batch_norm(model.backbone, images)
     return model
-
-
-def _calibrate_batch_norms(backbone, size):
-    """Sets the backbone's batch-norm statistics to those of one batch of normalised images.
-    With fresh statistics (mean 0, variance 1) the random-weight MobileNetV3's activations
-    shrink ~10x a block, to 1e-9 at its end; every box then gets the same scores and the
-    comparisons would show little."""
-    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average: after one batch, that batch's statistics
-    backbone.train()
-    with torch.no_grad():
-        backbone(torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(4)))
-    for norm in norms:
-        norm.momentum = 0.1
 
 
 def _models(name, dtype):

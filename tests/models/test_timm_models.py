@@ -7,7 +7,7 @@ import pytest
 import timm
 import timm.layers
 import torch
-from test_torchvision_models import (
+from swap_checks import (
     IMAGE,
     assert_eval_float32_matches,
     assert_training_step_matches,

@@ -5,7 +5,7 @@ parents and called twice. Swapped, it computes what it did; unswapped, it is wha
 import copy
 
 import torch
-from test_torchvision_models import (
+from swap_checks import (
     ConvCalls,
     assert_float64_match,
     assert_training_step_matches,
